@@ -6,7 +6,8 @@ exported straight from the source; LEMON fusion from the cut and prune inits
 short continued pre-training of every candidate with equal steps (``yamls/cpt/smollm2_cpu.yaml``);
 then every candidate (and the source) evaluated the same way: held-out loss per domain on data
 prep's eval split, and the local multiple-choice tasks when given. Writes ``results.json``,
-``results.md`` (Tables 3-4 layout), the fusion runs' held-out loss curves and operator heatmaps.
+``results.md`` (Tables 3-4 layout), the fusion runs' held-out loss curves, operator heatmaps, and
+the layer-CKA reports of the source and of the LEMON models.
 
 Settings (paper Sec. 4.4): ``depth`` trains only the layer operator (the target keeps every width;
 Table 3), ``width`` only the dimension operators (the target keeps every layer; Table 4), ``both``
@@ -24,6 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf as om
 
+from lemon_composer.analysis.cka_report import cka_report
 from lemon_composer.analysis.curves import read_eval_curve
 from lemon_composer.analysis.operators import operator_figures
 from lemon_composer.analysis.plots import training_curves
@@ -177,6 +179,13 @@ def markdown_table(results: dict[str, dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shape(c: Any) -> str:
+    """``layers x hidden (ffn, heads)`` of a transformers config or a target dict, for table titles."""
+    get = c.get if isinstance(c, dict) else lambda k: getattr(c, k)
+    return (f"{get('num_hidden_layers')} layers x {get('hidden_size')} "
+            f"(ffn {get('intermediate_size')}, {get('num_attention_heads')} heads)")
+
+
 def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +195,11 @@ def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
     if curves:
         training_curves(curves, out / "figures" / "fusion_heldout_loss.png", title="LEMON fusion: held-out loss",
                         ylabel="LM cross-entropy (nats/token)")
-    title = f"{cfg.setting} ablation: {Path(cfg.source_path).name} -> {cfg.target}"
+    for name, path in {"Source": Path(cfg.source_path), **models}.items():
+        if name == "Source" or (name.startswith("LEMON") and not name.endswith("CPT")):  # Fig. 2 and Fig. 6
+            cka_report(str(path), str(out / "figures" / f"cka-{name.lower()}"), name=name,
+                       data=cfg.data_dir if name == "Source" else None)
+    title = f"{cfg.setting} ablation: {_shape(read_source_config(cfg.source_path))} -> {_shape(cfg.target)}"
     atomic_write_text(out / "results.md", markdown_table(results, title))
     atomic_write_text(out / "results.json", json.dumps({"config": asdict(cfg), "results": results,
                                                         "curves": curves}, indent=2) + "\n")

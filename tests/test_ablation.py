@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lemon_composer.ablation import AblationConfig, main, run
+from lemon_composer.analysis.cka import load_matrix
 from lemon_composer.analysis.operators import load_operators
 from lemon_composer.data.prep import DataPrepConfig, prepare
 from test_export import make_source
@@ -51,6 +52,7 @@ def test_depth_ablation_end_to_end(inputs):
     out = root / "out"
     table = (out / "results.md").read_text()
     assert table.index("| LEMON-Cut |") > table.index("| Prune |") and "| Method | L. | tiny | AVG |" in table
+    assert table.startswith("### depth ablation: 4 layers x 64 (ffn 96, 4 heads) -> 2 layers x 64 (ffn 96, 4 heads)")
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"]["Cut"]["loss"] == pytest.approx(results["Cut"]["loss"])
     assert [s for s, _ in saved["curves"]["LEMON-Cut"]] == [0, 1, 2, 3]  # eval_first, then every step
@@ -61,6 +63,13 @@ def test_depth_ablation_end_to_end(inputs):
     assert torch.equal(ops["B_emb"], torch.eye(64)) and torch.equal(ops["A_ffn"][0], torch.eye(96))
     assert not torch.equal(ops["gamma.q"], torch.eye(2, 4))
     assert (out / "fuse-cut.yaml").is_file()  # the record of what ran
+    # CKA reports (Fig. 2, 6): the source's 4 layers with hidden states, each LEMON model's 2 layers
+    src_q, labels = load_matrix(out / "figures" / "cka-source" / "param_cka_q.json")
+    lemon_q, _ = load_matrix(out / "figures" / "cka-lemon-cut" / "param_cka_q.json")
+    assert labels == ["0", "1", "2", "3"] and lemon_q.shape == (2, 2)
+    assert torch.allclose(src_q.diagonal(), torch.ones(4)) and torch.allclose(lemon_q.diagonal(), torch.ones(2))
+    assert (out / "figures" / "cka-source" / "hidden_cka.png").stat().st_size > 1000
+    assert not (out / "figures" / "cka-lemon-cut" / "hidden_cka.png").exists()
 
 
 def test_short_cpt_of_every_candidate(inputs, tmp_path):

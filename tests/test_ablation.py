@@ -67,7 +67,8 @@ def test_depth_ablation_end_to_end(inputs):
     src_q, labels = load_matrix(out / "figures" / "cka-source" / "param_cka_q.json")
     lemon_q, _ = load_matrix(out / "figures" / "cka-lemon-cut" / "param_cka_q.json")
     assert labels == ["0", "1", "2", "3"] and lemon_q.shape == (2, 2)
-    assert torch.allclose(src_q.diagonal(), torch.ones(4)) and torch.allclose(lemon_q.diagonal(), torch.ones(2))
+    assert torch.allclose(src_q.diagonal(), torch.ones(4, dtype=torch.float64)) and torch.allclose(
+        lemon_q.diagonal(), torch.ones(2, dtype=torch.float64))
     assert (out / "figures" / "cka-source" / "hidden_cka.png").stat().st_size > 1000
     assert not (out / "figures" / "cka-lemon-cut" / "hidden_cka.png").exists()
 
@@ -93,3 +94,16 @@ def test_bad_settings_are_named(inputs, capsys):
     cfg_file.write_text(f"source_path: {source}\ndata_dir: {root / 'mds'}\nout: x\nsetting: depth\n"
                         f"target: {json.dumps(DEPTH_TARGET)}\nunknown_key: 1\n")
     assert main([str(cfg_file)]) == 2 and "unknown_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["smollm2_depth", "smollm2_width"])
+def test_shipped_yamls_are_valid_for_the_real_source(inputs, name):
+    from omegaconf import OmegaConf as om
+
+    from conftest import REPO
+    from lemon_composer.sources.smollm2 import local_smollm2
+    root, _ = inputs
+    y = om.to_container(om.load(REPO / "yamls" / "ablation" / f"{name}.yaml"), resolve=True)
+    cfg = AblationConfig(**{**y, "source_path": str(local_smollm2(REPO / ".cache" / "smollm2", with_model=True)),
+                            "data_dir": str(root / "mds"), "mc_tasks": str(root / "mc")})
+    assert cfg.setting == name.split("_")[1] and cfg.out == f"runs/ablation/{name}"  # never over docs/results

@@ -179,11 +179,10 @@ def markdown_table(results: dict[str, dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shape(c: Any) -> str:
-    """``layers x hidden (ffn, heads)`` of a transformers config or a target dict, for table titles."""
-    get = c.get if isinstance(c, dict) else lambda k: getattr(c, k)
-    return (f"{get('num_hidden_layers')} layers x {get('hidden_size')} "
-            f"(ffn {get('intermediate_size')}, {get('num_attention_heads')} heads)")
+def _shape(c: dict[str, Any]) -> str:
+    """``layers x hidden (ffn, heads)`` of a config dict, for table titles."""
+    return (f"{c['num_hidden_layers']} layers x {c['hidden_size']} "
+            f"(ffn {c['intermediate_size']}, {c['num_attention_heads']} heads)")
 
 
 def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
@@ -195,11 +194,10 @@ def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
     if curves:
         training_curves(curves, out / "figures" / "fusion_heldout_loss.png", title="LEMON fusion: held-out loss",
                         ylabel="LM cross-entropy (nats/token)")
-    for name, path in {"Source": Path(cfg.source_path), **models}.items():
-        if name == "Source" or (name.startswith("LEMON") and not name.endswith("CPT")):  # Fig. 2 and Fig. 6
-            cka_report(str(path), str(out / "figures" / f"cka-{name.lower()}"), name=name,
-                       data=cfg.data_dir if name == "Source" else None)
-    title = f"{cfg.setting} ablation: {_shape(read_source_config(cfg.source_path))} -> {_shape(cfg.target)}"
+    cka_report(cfg.source_path, str(out / "figures" / "cka-source"), name="Source", data=cfg.data_dir)  # Fig. 2
+    for name in logs:  # the fused models, before any CPT (Fig. 6)
+        cka_report(str(models[name]), str(out / "figures" / f"cka-{name.lower()}"), name=name)
+    title = f"{cfg.setting} ablation: {_shape(read_source_config(cfg.source_path).to_dict())} -> {_shape(cfg.target)}"
     atomic_write_text(out / "results.md", markdown_table(results, title))
     atomic_write_text(out / "results.json", json.dumps({"config": asdict(cfg), "results": results,
                                                         "curves": curves}, indent=2) + "\n")

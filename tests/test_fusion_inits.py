@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion_helpers import reference_baseline, tiny_config, tiny_source
+from fusion_helpers import tiny_config, tiny_source
 from lemon_composer.fusion.fuse import stack_layers
-from lemon_composer.fusion.init import cut_selection, operator_values
+from lemon_composer.fusion.init import cut_selection
 from lemon_composer.fusion.init_cka import (adjacent_layer_similarity, avg_selection, contiguous_clusters,
                                             linear_cka)
 from lemon_composer.fusion.init_prune import prune_selection
 from lemon_composer.fusion.plan import FusionPlan, ReceptiveFields, TargetShape
-from test_fusion_math import IDS, SHAPES, fused_logits
+from test_fusion_math import SHAPES, selection_logits, shape_case
 
 
 def feature_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,17 +80,12 @@ def test_avg_merges_identical_adjacent_layers():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_avg_init_equals_the_averaged_baseline(shape):
-    src_kw, target, rf = SHAPES[shape]
-    cfg = tiny_config(**src_kw)
-    source = tiny_source(cfg)
-    plan = FusionPlan.build(cfg, target, rf)
+    source, plan = shape_case(shape)
     sel = avg_selection(plan, stack_layers(dict(source.state_dict()), plan.source.layers))
     torch.testing.assert_close(sel.gamma.sum(1), torch.ones(plan.target.layers))
     if plan.target.layers < plan.source.layers:
         assert (sel.gamma > 0).sum(1).max() > 1
-    with torch.no_grad():
-        got = fused_logits(source, plan, operator_values(plan, sel), IDS)
-        ref = reference_baseline(source, plan, sel)(IDS).logits
+    got, ref = selection_logits(source, plan, sel)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -101,15 +96,10 @@ def calibration(n: int = 3) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_prune_init_equals_the_sliced_baseline(shape):
-    src_kw, target, rf = SHAPES[shape]
-    cfg = tiny_config(**src_kw)
-    source = tiny_source(cfg)
-    plan = FusionPlan.build(cfg, target, rf)
+    source, plan = shape_case(shape)
     sel = prune_selection(plan, source, calibration())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in source.modules())
-    with torch.no_grad():
-        got = fused_logits(source, plan, operator_values(plan, sel), IDS)
-        ref = reference_baseline(source, plan, sel)(IDS).logits
+    got, ref = selection_logits(source, plan, sel)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from fusion_helpers import reference_baseline, tiny_config, tiny_source
 from lemon_composer.fusion.fuse import FusionOperators, fuse, stack_layers
-from lemon_composer.fusion.init import cut_selection, identity_selection, operator_values, random_selection
+from lemon_composer.fusion.init import Selection, cut_selection, identity_selection, operator_values, random_selection
 from lemon_composer.fusion.operators import block_cols, block_rows, block_vec, check_receptive_field, layer_mix
 from lemon_composer.fusion.plan import FusionPlan, ReceptiveFields, TargetShape
 from lemon_composer.models.target import TargetSkeleton
@@ -78,17 +79,26 @@ SHAPES = {  # (source kwargs, target, receptive fields)
 }
 
 
+def shape_case(shape: str) -> tuple[LlamaForCausalLM, FusionPlan]:
+    """The tiny source and fusion plan of ``SHAPES[shape]``."""
+    src_kw, target, rf = SHAPES[shape]
+    cfg = tiny_config(**src_kw)
+    return tiny_source(cfg), FusionPlan.build(cfg, target, rf)
+
+
+@torch.no_grad()
+def selection_logits(source: LlamaForCausalLM, plan: FusionPlan, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits on IDS of the model fused with ``sel``'s operators, and of the independently built baseline."""
+    return (fused_logits(source, plan, operator_values(plan, sel), IDS),
+            reference_baseline(source, plan, sel)(IDS).logits)
+
+
 @pytest.mark.parametrize("init", ["cut", "random"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_selection_inits_equal_the_sliced_baseline(init, shape):
-    src_kw, target, rf = SHAPES[shape]
-    cfg = tiny_config(**src_kw)
-    source = tiny_source(cfg)
-    plan = FusionPlan.build(cfg, target, rf)
+    source, plan = shape_case(shape)
     sel = cut_selection(plan) if init == "cut" else random_selection(plan, seed=3)
-    with torch.no_grad():
-        got = fused_logits(source, plan, operator_values(plan, sel), IDS)
-        ref = reference_baseline(source, plan, sel)(IDS).logits
+    got, ref = selection_logits(source, plan, sel)
     assert got.shape == (2, 17, 101)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from llmfoundry import registry
 
+from lemon_composer.algorithms.fuse_once import FuseOnce
 from lemon_composer.algorithms.fusion_stages import FusionStages
 from lemon_composer.callbacks.dynamic_loading import DynamicLoading
 from lemon_composer.callbacks.hf_export import HFExport
@@ -19,7 +20,7 @@ COMPONENTS = {
     registry.dataloaders: {"lemon_domains": build_domain_text_dataloader,
                            "lemon_mixture": build_mixture_dataloader},
     registry.models: {"lemon_fusion": LemonFusionModel},
-    registry.algorithms: {"lemon_fusion_stages": FusionStages},
+    registry.algorithms: {"lemon_fusion_stages": FusionStages, "lemon_fuse_once": FuseOnce},
     registry.callbacks: {"lemon_hf_export": HFExport, "lemon_dynamic_loading": DynamicLoading},
 }
 

@@ -66,7 +66,7 @@ def test_fusion_checkpoint_exports_the_same_logits(tmp_path, tiny_tokenizer, tie
     out = export_checkpoint(ckpt, tmp_path / "hf")
     ids = batches(model.plan.source.vocab, n=1, seed=9)[0]["input_ids"]
     with torch.no_grad():
-        expected = model(batches(model.plan.source.vocab, n=1, seed=9)[0])["logits"]
+        expected = model.logits(model(batches(model.plan.source.vocab, n=1, seed=9)[0]))[0]
     got, reloaded = reload_logits(out, ids)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert reloaded.config.tie_word_embeddings is tied
@@ -85,7 +85,7 @@ def test_bf16_export_within_documented_tolerance(tmp_path, source):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     b = batches(model.plan.source.vocab, n=1, seed=4)[0]
     with torch.no_grad():
-        expected = model(b)["logits"]
+        expected = model.logits(model(b))[0]
     got, _ = reload_logits(out, b["input_ids"])  # bf16 weights, fp32 compute
     # documented tolerance (README): bf16 weights keep ~3 significant digits
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
@@ -184,7 +184,7 @@ def test_export_callback_writes_the_fused_model_at_fit_end(tmp_path, source):
     trainer.close()
     b = batches(model.plan.source.vocab, n=1, seed=3)[0]
     with torch.no_grad():
-        expected = model(b)["logits"]
+        expected = model.logits(model(b))[0]
     got, _ = reload_logits(tmp_path / "hf", b["input_ids"])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert json.loads((tmp_path / "hf" / PROVENANCE).read_text())["checkpoint_step"] == 2

@@ -42,7 +42,8 @@ def test_identity_model_reproduces_source_logits(source_dir):
     b = batch()
     with torch.no_grad():
         out = model(b)
-    torch.testing.assert_close(out["logits"], out["teacher_logits"], rtol=1e-5, atol=1e-5)
+        student, teacher = model.logits(out)
+    torch.testing.assert_close(student, teacher, rtol=1e-5, atol=1e-5)
     # identity: the fused student equals the teacher, so the KL term of Eq. 4 vanishes
     assert model.loss(out, b)["kl"].item() == pytest.approx(0.0, abs=1e-6)
 
@@ -52,10 +53,11 @@ def test_cut_model_equals_sliced_baseline_and_loss_follows_eq4(source_dir):
     b = batch(1)
     with torch.no_grad():
         out = model(b)
+        student, teacher = model.logits(out)
         ref = reference_baseline(model.source, model.plan, cut_selection(model.plan))(b["input_ids"]).logits
-        torch.testing.assert_close(out["logits"], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(student, ref, rtol=1e-5, atol=1e-5)
         loss = model.loss(out, b)
-    s, t, y = out["logits"][:, :-1], out["teacher_logits"][:, :-1], b["labels"][:, 1:]
+    s, t, y = student[:, :-1], teacher[:, :-1], b["labels"][:, 1:]
     lm = F.cross_entropy(s.reshape(-1, 101), y.reshape(-1))
     kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True,
                   reduction="none").sum(-1).mean() * 4
@@ -179,7 +181,7 @@ def test_prune_init_scores_calibration_rows_from_data_prep(tmp_path, synthetic_c
     sel = prune_selection(model.plan, model.source, batches)
     b = {"input_ids": batches[0], "attention_mask": torch.ones_like(batches[0]), "labels": batches[0]}
     with torch.no_grad():
-        torch.testing.assert_close(model(b)["logits"], reference_baseline(model.source, model.plan, sel)(batches[0]).logits,
+        torch.testing.assert_close(model.logits(model(b))[0], reference_baseline(model.source, model.plan, sel)(batches[0]).logits,
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"model.calibration.seq_len=64 exceeds the rows"):
         make(tmp_path / "src", init="prune", calibration={**calib, "seq_len": 64})

@@ -58,10 +58,82 @@ class FusionOperators(nn.Module):
             params[name].copy_(value)
 
 
+#: kinds whose HF weight is (D1, n1) (output side on the residual stream); ``stack_layers`` stores
+#: them transposed, (L1, n1, D1) contiguous, so that A_j acts on rows for every kind (no copy).
+TRANSPOSED = ("o", "down")
+NORMS = ("ln1", "ln2")
+
+
 def stack_layers(source: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
-    """Source decoder weights stacked per kind: {'q': (L1, attn1, D1), ..., 'ln1': (L1, D1)}."""
-    return {kind: torch.stack([source[f"model.layers.{j}.{name}"] for j in range(n_layers)])
-            for kind, name in LAYER_WEIGHTS.items()}
+    """Source decoder weights stacked per kind in HF layout: {'q': (L1, attn1, D1), 'o': (L1, D1, attn1), ...}.
+
+    o and down are transposed views of a contiguous (L1, n1, D1) stack (see ``TRANSPOSED``).
+    """
+    out = {}
+    for kind, name in LAYER_WEIGHTS.items():
+        ws = [source[f"model.layers.{j}.{name}"] for j in range(n_layers)]
+        out[kind] = torch.stack([w.t() for w in ws]).transpose(1, 2) if kind in TRANSPOSED else torch.stack(ws)
+    return out
+
+
+def dimension_operator(plan: FusionPlan, kind: str) -> tuple[str, int]:
+    """The per-layer operator of a kind and its receptive field (Table 1): A_attn, A_kv or A_ffn."""
+    if kind in ("q", "o"):
+        return "A_attn", plan.rf.r_a
+    if kind in ("k", "v"):
+        return ("A_kv" if plan.separate_kv else "A_attn"), plan.rf.r_a
+    return "A_ffn", plan.rf.r_i
+
+
+def fuse_layers(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
+                sources: slice = slice(None)) -> dict[str, Tensor]:
+    """Eq. 2 for the decoder layers, summed over the source layers ``sources`` only.
+
+    Per source layer j: q, k, v, up, gate: A_j W_j B_emb^T; o, down: (B_emb W_j A_j^T)^T = A_j W_j^T B_emb^T;
+    ln1, ln2: B_emb w_j. Then gamma mixes them: out[kind] (L2, n2, D2) (o, down: the target weight
+    transposed), norms (L2, D2). Summing the results over a partition of the source layers gives the
+    full fusion: that is how sharded fusion splits the work across ranks.
+    """
+    B = ops["B_emb"]
+    out: dict[str, Tensor] = {}
+    for kind in LAYER_WEIGHTS:
+        w = stacked[kind][sources]                                # (Lj, rows, cols) HF layout
+        b = B.to(w.dtype)
+        if kind in NORMS:
+            per_source = block_vec(b, w, plan.rf.r_h)            # (Lj, D2)
+        else:
+            if kind in TRANSPOSED:
+                w = w.transpose(1, 2)                             # (Lj, n1, D1): the contiguous storage
+            name, r = dimension_operator(plan, kind)
+            a = ops[name][sources].to(w.dtype)                    # (Lj, n2/r, n1/r)
+            per_source = block_cols(b, block_rows(a, w, r), plan.rf.r_h)   # (Lj, n2, D2)
+        gamma = ops["gamma.shared"] if plan.shared_gamma else ops[f"gamma.{kind}"]
+        out[kind] = layer_mix(gamma[:, sources], per_source)     # (L2, ...)
+    return out
+
+
+def fuse_shared(plan: FusionPlan, ops: dict[str, Tensor], source: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Algorithm 1's shared weights: embedding E B_emb^T, final norm B_emb w, lm_head H B_emb^T (untied only)."""
+    r_h = plan.rf.r_h
+    emb, norm = source["model.embed_tokens.weight"], source["model.norm.weight"]
+    out = {"embed": block_cols(ops["B_emb"].to(emb.dtype), emb, r_h),
+           "norm": block_vec(ops["B_emb"].to(norm.dtype), norm, r_h)}
+    if not plan.source.tied:
+        head = source["lm_head.weight"]
+        out["head"] = block_cols(ops["B_emb"].to(head.dtype), head, r_h)
+    return out
+
+
+def to_state_dict(plan: FusionPlan, layers: dict[str, Tensor], shared: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The target's weights in ``LlamaForCausalLM`` naming, as views of the fused stacks (no copy)."""
+    out: dict[str, Tensor] = {}
+    for kind, stack in layers.items():
+        for i, w in enumerate(stack.unbind(0)):                  # one UnbindBackward, not L2 selects
+            out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"] = w.t() if kind in TRANSPOSED else w
+    out["model.embed_tokens.weight"] = shared["embed"]
+    out["model.norm.weight"] = shared["norm"]
+    out["lm_head.weight"] = shared.get("head", shared["embed"])
+    return out
 
 
 def fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
@@ -74,43 +146,4 @@ def fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
         stacked: ``stack_layers(source)`` (computed once; the source is frozen).
         source: the source state dict (embedding, final norm, lm_head are read from it).
     """
-    rf = plan.rf
-    B, A_attn, A_ffn = ops["B_emb"], ops["A_attn"], ops["A_ffn"]
-    A_kv = ops.get("A_kv", A_attn)
-
-    def cast(b: Tensor, like: Tensor) -> Tensor:
-        return b.to(like.dtype)
-
-    def rows_cols(w: Tensor, a: Tensor, r_a: int) -> Tensor:  # A_j W_j B_emb^T, w (L1, n1, D1)
-        return block_cols(cast(B, w), block_rows(cast(a, w), w, r_a), rf.r_h)
-
-    def cols_rows(w: Tensor, a: Tensor, r_a: int) -> Tensor:  # B_emb W_j A_j^T, w (L1, D1, n1)
-        return block_rows(cast(B, w), block_cols(cast(a, w), w, r_a), rf.r_h)
-
-    fused_per_source = {
-        "q": rows_cols(stacked["q"], A_attn, rf.r_a),
-        "k": rows_cols(stacked["k"], A_kv, rf.r_a),
-        "v": rows_cols(stacked["v"], A_kv, rf.r_a),
-        "o": cols_rows(stacked["o"], A_attn, rf.r_a),
-        "up": rows_cols(stacked["up"], A_ffn, rf.r_i),
-        "gate": rows_cols(stacked["gate"], A_ffn, rf.r_i),
-        "down": cols_rows(stacked["down"], A_ffn, rf.r_i),
-        "ln1": block_vec(cast(B, stacked["ln1"]), stacked["ln1"], rf.r_h),
-        "ln2": block_vec(cast(B, stacked["ln2"]), stacked["ln2"], rf.r_h),
-    }
-    out: dict[str, Tensor] = {}
-    for kind, per_source in fused_per_source.items():
-        gamma = ops["gamma.shared"] if plan.shared_gamma else ops[f"gamma.{kind}"]
-        mixed = layer_mix(gamma, per_source)                    # (L2, ...)
-        for i in range(plan.target.layers):
-            out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"] = mixed[i]
-    emb = source["model.embed_tokens.weight"]
-    out["model.embed_tokens.weight"] = block_cols(cast(B, emb), emb, rf.r_h)
-    norm = source["model.norm.weight"]
-    out["model.norm.weight"] = block_vec(cast(B, norm), norm, rf.r_h)
-    if plan.source.tied:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    else:
-        head = source["lm_head.weight"]
-        out["lm_head.weight"] = block_cols(cast(B, head), head, rf.r_h)
-    return out
+    return to_state_dict(plan, fuse_layers(plan, ops, stacked), fuse_shared(plan, ops, source))

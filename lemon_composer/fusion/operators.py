@@ -3,6 +3,10 @@
 A dimension operator with receptive field r is ``b ⊗ I_r`` with ``b`` of shape (n2/r, n1/r): it maps
 R^{n1} -> R^{n2} by mixing whole blocks of r consecutive coordinates (Eq. 3). The layer operator
 ``gamma`` (L2, L1) mixes the dimension-fused source layers into target layers (Eq. 2).
+
+Every product is written as a plain (batched) matmul on a *view* of its right operand: on a
+contiguous source weight no copy is made, so autograd saves the frozen source itself, not a
+permuted copy of it (``einsum`` permutes its operands into fresh memory).
 """
 from __future__ import annotations
 
@@ -17,18 +21,25 @@ def check_receptive_field(r: int, *sizes: int, name: str) -> None:
 
 
 def block_rows(b: Tensor, w: Tensor, r: int) -> Tensor:
-    """(b ⊗ I_r) W: mixes the rows of ``w`` (n1, ...) in blocks of r -> (n2, ...) (Eq. 3).
+    """(b ⊗ I_r) W: mixes the rows of ``w`` (..., n1, m) in blocks of r -> (..., n2, m) (Eq. 3).
 
-    ``b`` may carry leading batch dims shared with ``w``: b (..., n2/r, n1/r), w (..., n1, m).
+    ``b`` (..., n2/r, n1/r) may carry leading batch dims shared with ``w`` (one operator per layer).
     """
-    blocks = w.unflatten(-2, (-1, r))                    # (..., n1/r, r, m)
-    return torch.einsum("...ij,...jsm->...ism", b, blocks).flatten(-3, -2)
+    n1, m = w.shape[-2:]
+    blocks = w.reshape(*w.shape[:-2], n1 // r, r * m)     # (..., n1/r, r*m): a view of a contiguous w
+    return (b @ blocks).reshape(*w.shape[:-2], -1, m)     # (..., n2/r, r*m) -> (..., n2, m)
 
 
 def block_cols(b: Tensor, w: Tensor, r: int) -> Tensor:
-    """W (b ⊗ I_r)^T: mixes the columns of ``w`` (..., m, n1) in blocks of r -> (..., m, n2)."""
-    blocks = w.unflatten(-1, (-1, r))                    # (..., m, n1/r, r)
-    return torch.einsum("...ij,...mjs->...mis", b, blocks).flatten(-2)
+    """W (b ⊗ I_r)^T: mixes the columns of ``w`` (..., m, n1) in blocks of r -> (..., m, n2).
+
+    ``b`` is one operator (n2/r, n1/r) shared by every row (B_emb); per-layer operators are
+    applied on rows (``fuse`` stores o/down transposed for that).
+    """
+    if r == 1:
+        return w @ b.transpose(-1, -2)                    # (..., m, n1) @ (n1, n2)
+    blocks = w.unflatten(-1, (-1, r))                     # (..., m, n1/r, r)
+    return (b @ blocks).flatten(-2)                       # (..., m, n2/r, r) -> (..., m, n2)
 
 
 def block_vec(b: Tensor, v: Tensor, r: int) -> Tensor:
@@ -38,4 +49,5 @@ def block_vec(b: Tensor, v: Tensor, r: int) -> Tensor:
 
 def layer_mix(gamma: Tensor, stacked: Tensor) -> Tensor:
     """Eq. 2 layer operator: W'_i = Σ_j gamma[i, j] W_j; stacked (L1, ...) -> (L2, ...)."""
-    return torch.einsum("ij,j...->i...", gamma.to(stacked.dtype), stacked)
+    flat = stacked.reshape(stacked.shape[0], -1)          # (L1, prod(...))
+    return (gamma.to(stacked.dtype) @ flat).reshape(gamma.shape[0], *stacked.shape[1:])

@@ -8,6 +8,9 @@ from lemon_composer.fusion.init import INITS
 from lemon_composer.fusion.plan import ReceptiveFields, TargetShape
 
 
+FUSION_PARALLEL = ("replicated", "sharded")
+
+
 @dataclass
 class CalibrationConfig:
     """Calibration rows for ``init: prune`` (``model.calibration``), read from data prep's shards."""
@@ -32,6 +35,11 @@ class FuseConfig:
     source_dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.
     attn_implementation: auto (flash-attn on GPU when installed, else sdpa) | sdpa | eager | flash_attention_2.
     init_device: cpu (load the source) | meta (shapes only, no weights read: for checking recipes).
+    activation_checkpointing: recompute each target layer in backward (HF gradient checkpointing);
+        saves the target's activations at about one extra target forward.
+    fusion_parallel: replicated (every rank fuses everything) | sharded (each data-parallel rank fuses
+        1/N of the source layers; one all-reduce; needs the lemon_fuse_once algorithm).
+    loss_chunk_tokens: tokens per chunk of the fused LM + KL loss (memory ~ 3 x chunk x vocab x 4 bytes).
     """
     source_path: str
     target: TargetShape
@@ -45,6 +53,9 @@ class FuseConfig:
     source_dtype: str = "auto"
     attn_implementation: str = "auto"
     init_device: str = "cpu"
+    activation_checkpointing: bool = False
+    fusion_parallel: str = "replicated"
+    loss_chunk_tokens: int = 1024
 
     @classmethod
     def from_yaml(cls, cfg: dict[str, Any]) -> "FuseConfig":
@@ -78,5 +89,12 @@ class FuseConfig:
             raise ValueError(f"model.lam={self.lam}: must lie in [0, 1] (Eq. 4)")
         if self.temperature <= 0:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: expected true or false")
+        if self.fusion_parallel not in FUSION_PARALLEL:
+            raise ValueError(f"model.fusion_parallel={self.fusion_parallel}: expected one of {FUSION_PARALLEL}")
+        if not isinstance(self.loss_chunk_tokens, int) or isinstance(self.loss_chunk_tokens, bool) \
+                or self.loss_chunk_tokens < 1:
+            raise ValueError(f"model.loss_chunk_tokens={self.loss_chunk_tokens!r}: expected a positive integer")
         if self.init_device not in ("cpu", "meta"):
             raise ValueError(f"model.init_device={self.init_device}: expected cpu or meta")

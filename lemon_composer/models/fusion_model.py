@@ -1,9 +1,15 @@
-"""``LemonFusionModel``: the frozen source emits the fused target's weights on every forward (Sec. 3).
+"""``LemonFusionModel``: the frozen source emits the fused target's weights (Sec. 3).
 
 forward: weights = fuse(operators, source)              (Eq. 2, Algorithm 1)
-         student logits = target skeleton(weights, ids)   (transformers' Llama code)
-         teacher logits = source(ids) under no_grad       (the same frozen weights, no copy)
-loss:    lam * LM + (1 - lam) * T^2 KL(p_source^T || p_target^T)   (Eq. 4)
+         student hidden = target skeleton(weights, ids)   (transformers' Llama code)
+         teacher hidden = source.model(ids) under no_grad (the same frozen weights, no copy)
+loss:    lam * LM + (1 - lam) * T^2 KL(p_source^T || p_target^T)   (Eq. 4), chunked over tokens
+         from the hidden states and both lm_heads (``distill_loss``): no full logits are kept.
+
+When does it fuse: with the ``lemon_fuse_once`` algorithm, once per optimizer step
+(``begin_step``; its micro-batches share the weights, see ``step_weights``) and once per
+evaluation (``begin_eval``); without it, on every forward. ``fusion_parallel: sharded`` splits the
+fusion's source layers across data-parallel ranks (``fusion/shard.py``).
 
 The source is deliberately *not* a registered submodule: it is no parameter of the model, so
 Composer's DDP/FSDP neither syncs nor shards it (each rank holds its own frozen copy), and
@@ -17,7 +23,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import Tensor
@@ -25,11 +30,15 @@ from torchmetrics import Metric
 from transformers import LlamaForCausalLM
 
 from lemon_composer.data.calibration import calibration_batches
-from lemon_composer.fusion.fuse import LAYER_WEIGHTS, FusionOperators, fuse, stack_layers
+from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, fuse_layers, fuse_shared,
+                                        stack_layers, to_state_dict)
 from lemon_composer.fusion.init import (Selection, cut_selection, identity_selection, operator_values,
                                         random_selection)
 from lemon_composer.fusion.plan import FusionPlan
+from lemon_composer.fusion.shard import all_reduce_layers, source_share, world
+from lemon_composer.models.distill_loss import TokenStats, distill_loss
 from lemon_composer.models.fuse_config import FuseConfig
+from lemon_composer.models.step_weights import StepWeights
 from lemon_composer.models.target import TargetSkeleton, resolve_attn_implementation
 from lemon_composer.sources.load import fingerprint, load_source, read_source_config, resolve_dtype
 
@@ -38,32 +47,35 @@ log = logging.getLogger(__name__)
 OPERATOR_GROUPS = ("dims", "layers")  # what a stage trains: dimension operators, gamma
 
 
-class FusionKL(Metric):
-    """Mean per-token KL(p_source || p_target) over label positions (the KL term of Eq. 4)."""
-    full_state_update = False
+class _PerToken:
+    """Metric update from per-token losses at label positions (``TokenStats``), not from logits.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("sum_kl", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    The loss never forms full logits (``distill_loss``); it hands the metrics the per-token values.
+    """
+    field = "ce"
 
-    def update(self, kl_per_token: Tensor, mask: Tensor) -> None:
-        self.sum_kl += (kl_per_token * mask).sum().double()
-        self.count += mask.sum().double()
-
-    def compute(self) -> Tensor:
-        return self.sum_kl / self.count.clamp(min=1.0)
+    def update(self, stats: TokenStats) -> None:  # type: ignore[override]
+        values = getattr(stats, self.field)
+        self.sum_loss += (values * stats.mask).sum().to(self.sum_loss.dtype)
+        self.total_items += stats.mask.sum().to(self.total_items.dtype)
 
 
-class SourceCrossEntropy(LanguageCrossEntropy):
+class TokenCrossEntropy(_PerToken, LanguageCrossEntropy):
+    """The fused target's LM loss (logged as ``LanguageCrossEntropy``)."""
+
+
+class TokenPerplexity(_PerToken, LanguagePerplexity):
+    """exp of the fused target's LM loss (logged as ``LanguagePerplexity``)."""
+
+
+class FusionKL(_PerToken, LanguageCrossEntropy):
+    """Mean per-token T^2 KL(p_source^T || p_target^T) over label positions (the KL term of Eq. 4)."""
+    field = "kl"
+
+
+class SourceCrossEntropy(_PerToken, LanguageCrossEntropy):
     """The frozen source's own LM loss on the same tokens: the reference the fused target approaches."""
-
-
-def token_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
-    """Per-token KL(softmax(t/T) || softmax(s/T)) * T^2, (B, T, V) -> (B, T)."""
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1) * temperature**2
+    field = "source_ce"
 
 
 class LemonFusionModel(ComposerModel):
@@ -93,15 +105,18 @@ class LemonFusionModel(ComposerModel):
         self._stacked = self._share_stacked(source)
         with torch.device("meta") if self.cfg.init_device == "meta" else contextlib.nullcontext():
             self.operators = FusionOperators(self.plan)
-        self.skeleton = TargetSkeleton(self.plan.target_config(source_cfg), attn)
+        self.skeleton = TargetSkeleton(self.plan.target_config(source_cfg), attn,
+                                       activation_checkpointing=self.cfg.activation_checkpointing)
         self.rotary_emb = self.skeleton.rotary_emb  # registered so it moves with the model
         self.trainable: tuple[str, ...] = OPERATOR_GROUPS
+        self._step: StepWeights | None = None           # set by begin_step (lemon_fuse_once)
+        self._eval_weights: dict[str, Tensor] | None = None  # set by begin_eval
         if self.cfg.init_device != "meta":
             self.operators.load_values(operator_values(self.plan, self._initial_selection()))
-        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(),
-                              "LanguagePerplexity": LanguagePerplexity(), "KL": FusionKL()}
-        self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(),
-                             "LanguagePerplexity": LanguagePerplexity(), "KL": FusionKL(),
+        self.train_metrics = {"LanguageCrossEntropy": TokenCrossEntropy(),
+                              "LanguagePerplexity": TokenPerplexity(), "KL": FusionKL()}
+        self.eval_metrics = {"LanguageCrossEntropy": TokenCrossEntropy(),
+                             "LanguagePerplexity": TokenPerplexity(), "KL": FusionKL(),
                              "SourceCrossEntropy": SourceCrossEntropy()}
         log.info("lemon_fusion: %s -> %s, %d operator parameters", self.plan.source, self.plan.target,
                  sum(p.numel() for p in self.operators.parameters()))
@@ -119,7 +134,8 @@ class LemonFusionModel(ComposerModel):
         """Move the frozen source to ``device`` keeping the layers as views of the stacked weights."""
         if self._stacked["q"].device == device:
             return
-        self._stacked = {k: v.to(device) for k, v in self._stacked.items()}
+        self._stacked = {k: v.transpose(1, 2).to(device).transpose(1, 2) if k in TRANSPOSED else v.to(device)
+                         for k, v in self._stacked.items()}  # o / down: move the contiguous storage
         for kind, name in LAYER_WEIGHTS.items():
             for j, layer in enumerate(self._source.model.layers):
                 layer.get_parameter(name).data = self._stacked[kind][j]
@@ -147,45 +163,107 @@ class LemonFusionModel(ComposerModel):
         return prune_selection(plan, self._source, batches)
 
     # ---- the fused target ----
-    def fused_state_dict(self) -> dict[str, Tensor]:
-        """The target's weights in ``LlamaForCausalLM`` naming (differentiable w.r.t. the operators)."""
+    def _fuse(self) -> dict[str, Tensor]:
+        """The fused stacks (``fuse_layers`` kinds plus embed / norm / head), differentiable w.r.t. the operators.
+
+        Sharded: this rank fuses its share of the source layers and one all-reduce sums the shares.
+        """
         self._place_source(self.operators.B_emb.device)
         ops = self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
-        return fuse(self.plan, ops, self._stacked, dict(self._source.state_dict()))
+        rank, world_size = world()
+        if self.cfg.fusion_parallel == "sharded" and world_size > 1:
+            layers = all_reduce_layers(fuse_layers(self.plan, ops, self._stacked,
+                                                   source_share(self.plan.source.layers, rank, world_size)))
+        else:
+            layers = fuse_layers(self.plan, ops, self._stacked)
+        return {**layers, **fuse_shared(self.plan, ops, self._source_weights())}
+
+    def _source_weights(self) -> dict[str, Tensor]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if self.plan.source.tied else ["lm_head.weight"])
+        return {name: self._source.get_parameter(name) for name in names}
+
+    def fused_state_dict(self) -> dict[str, Tensor]:
+        """The target's weights in ``LlamaForCausalLM`` naming (differentiable w.r.t. the operators)."""
+        stacks = self._fuse()
+        return to_state_dict(self.plan, {k: stacks[k] for k in LAYER_WEIGHTS}, stacks)
+
+    def begin_step(self, num_microbatches: int) -> None:
+        """Fuse once for the optimizer step whose ``num_microbatches`` training forwards follow."""
+        self._step = None
+        self.end_eval()  # operators change in this step: an older evaluation's weights are stale
+        self._step = StepWeights(self._fuse(), num_microbatches)
+
+    def end_step(self) -> None:
+        """Release the step's fused weights; every announced micro-batch must have run."""
+        step, self._step = self._step, None
+        self.skeleton.clear()
+        if step is not None and step.remaining:
+            raise RuntimeError(f"lemon_fuse_once: {step.remaining} announced micro-batches did not run in this step")
+
+    def begin_eval(self) -> None:
+        """Fuse once (no grad) for a whole evaluation."""
+        with torch.no_grad():
+            self._eval_weights = self._fuse()
+
+    @property
+    def eval_fused(self) -> bool:
+        return self._eval_weights is not None
+
+    def end_eval(self) -> None:
+        self._eval_weights = None
+        self.skeleton.clear()
+
+    def _weights(self) -> dict[str, Tensor]:
+        """This forward's fused stacks: the step's, the evaluation's, or freshly fused."""
+        if torch.is_grad_enabled() and self.training and self._step is not None:
+            return self._step.next()
+        if not torch.is_grad_enabled() and self._eval_weights is not None:
+            return self._eval_weights
+        if self.cfg.fusion_parallel == "sharded" and world()[1] > 1:
+            raise RuntimeError("model.fusion_parallel=sharded fuses with a collective: add the lemon_fuse_once "
+                               "algorithm (algorithms: {lemon_fuse_once: {}}) so every rank fuses at the same "
+                               "points, once per optimizer step and once per evaluation")
+        return self._fuse()
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        logits = self.skeleton.logits(self.fused_state_dict(), ids, mask)
+        stacks = self._weights()
+        weights = to_state_dict(self.plan, {k: stacks[k] for k in LAYER_WEIGHTS}, stacks)
+        self.skeleton.train(self.training)
+        self.skeleton.load(weights)
+        hidden = self.skeleton.hidden(ids, mask)
         with torch.no_grad():
-            teacher = self._source(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return {"logits": logits, "teacher_logits": teacher}
+            teacher = self._source.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return {"hidden": hidden, "head": weights["lm_head.weight"], "teacher_hidden": teacher}
 
-    def _shifted(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def loss(self, outputs: dict[str, Any], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Eq. 4 on the next-token targets; leaves the per-token values in ``outputs['stats']`` for metrics."""
         labels = batch.get("labels", batch["input_ids"])[:, 1:]
-        return outputs["logits"][:, :-1], outputs["teacher_logits"][:, :-1], labels
+        total, lm, kl, stats = distill_loss(
+            outputs["hidden"][:, :-1], outputs["head"], outputs["teacher_hidden"][:, :-1],
+            self._source.lm_head.weight, labels, lam=self.cfg.lam, temperature=self.cfg.temperature,
+            chunk_tokens=self.cfg.loss_chunk_tokens)
+        outputs["stats"] = stats
+        return {"total": total, "lm": lm, "kl": kl}
 
-    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        student, teacher, labels = self._shifted(outputs, batch)
-        mask = (labels != -100).float()
-        lm = F.cross_entropy(student.reshape(-1, student.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
-        kl = (token_kl(teacher, student, self.cfg.temperature) * mask).sum() / mask.sum().clamp(min=1)
-        return {"total": self.cfg.lam * lm + (1 - self.cfg.lam) * kl, "lm": lm, "kl": kl}
+    def logits(self, outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Full (B, T, V) student and teacher logits of ``forward``'s outputs (tests, analysis; not training)."""
+        return outputs["hidden"] @ outputs["head"].t(), outputs["teacher_hidden"] @ self._source.lm_head.weight.t()
 
     # ---- metrics ----
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
 
-    def eval_forward(self, batch: dict[str, Tensor], outputs: Any = None) -> dict[str, Tensor]:
-        return outputs if outputs is not None else self.forward(batch)
+    def eval_forward(self, batch: dict[str, Tensor], outputs: Any = None) -> dict[str, Any]:
+        if outputs is None:
+            outputs = self.forward(batch)
+        if "stats" not in outputs:
+            with torch.no_grad():
+                self.loss(outputs, batch)
+        return outputs
 
-    def update_metric(self, batch: dict[str, Tensor], outputs: dict[str, Tensor], metric: Metric) -> None:
-        student, teacher, labels = self._shifted(outputs, batch)
-        if isinstance(metric, FusionKL):
-            metric.update(token_kl(teacher, student, self.cfg.temperature), (labels != -100).float())
-        elif isinstance(metric, SourceCrossEntropy):
-            metric.update(teacher.contiguous(), labels.contiguous())
-        else:
-            metric.update(student.contiguous(), labels.contiguous())
+    def update_metric(self, batch: dict[str, Tensor], outputs: dict[str, Any], metric: Metric) -> None:
+        metric.update(outputs["stats"])
 
     # ---- checkpoints: operators plus a reference to the source ----
     def get_extra_state(self) -> dict[str, Any]:

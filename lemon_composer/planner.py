@@ -1,0 +1,305 @@
+"""Memory and FLOP planner for a fusion run (yaml ``model.name: lemon_fusion``), per rank.
+
+    python -m lemon_composer.planner yamls/fuse/7b_to_1.3b.yaml --source-config llama-2-7b \\
+        [--gpus 8] [--gpu-mem 80] [key=value ...]
+
+Prints the memory of one rank by component (GiB), the FLOPs of one optimizer step by part (TFLOP),
+whether the run fits in ``--gpu-mem`` GiB and, when it does not, which yaml keys to change.
+Sizes come from ``FusionPlan`` and from the source and target built on the meta device (no weights).
+The memory model is checked against measured peaks on the CPU by ``bench/planner_check.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lemon_composer.fusion.plan import FusionPlan, LlamaSizes, ReceptiveFields, TargetShape
+from lemon_composer.sources.load import read_source_config
+
+GIB = 2**30
+CUDA_OVERHEAD = 1.5 * GIB   # CUDA context, NCCL and allocator fragmentation
+MARGIN = 0.10               # shown separately; ``fits`` requires total * (1 + MARGIN) <= limit
+BUILTIN_SOURCES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=32, vocab_size=32000, head_dim=128, tie_word_embeddings=False,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "amp_fp8")
+FUSION_PARALLEL = ("replicated", "sharded")
+
+
+@dataclass
+class Estimate:
+    """One rank's memory (bytes per component) and FLOPs (per optimizer step per part)."""
+    memory: dict[str, float]
+    flops: dict[str, float]
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def margin_bytes(self) -> float:
+        return MARGIN * self.total_bytes
+
+    def fits(self, limit_bytes: float) -> bool:
+        return self.total_bytes + self.margin_bytes <= limit_bytes
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The yaml keys the planner reads, checked."""
+    plan: FusionPlan
+    s: int                      # bytes per source / fused weight element
+    a: int                      # bytes per activation element
+    seq: int
+    micro: int                  # device_train_microbatch_size
+    global_batch: int
+    ckpt: bool
+    sharded: bool
+    chunk: int                  # loss_chunk_tokens
+    flash: bool                 # flash-attn (no KV repeat) vs SDPA (K, V repeated to the query width)
+
+
+def source_config(name_or_path: str, *, key: str = "--source-config") -> LlamaConfig:
+    """A builtin source (``llama-2-7b``) or a local folder with config.json."""
+    if name_or_path in BUILTIN_SOURCES:
+        return LlamaConfig(**BUILTIN_SOURCES[name_or_path])
+    if not (Path(name_or_path) / "config.json").is_file():
+        raise ValueError(f"{key}={name_or_path}: no config.json there; pass --source-config with one of "
+                         f"{sorted(BUILTIN_SOURCES)} or a folder holding the source's config.json")
+    return read_source_config(name_or_path, key=key)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The yaml with ``key=value`` overrides applied and ``${...}`` resolved."""
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r}: expected a positive integer")
+    return value
+
+
+def _sub(model: dict[str, Any], key: str, kind: type) -> Any:
+    try:
+        return kind(**(model.get(key) or {}))
+    except TypeError as e:
+        raise ValueError(f"model.{key}: {e}") from None
+
+
+def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device: str) -> RunShape:
+    """Read and check the keys of ``cfg`` (the resolved yaml) that the planner needs."""
+    model = cfg.get("model") or {}
+    if model.get("name") != "lemon_fusion":
+        raise ValueError(f"model.name={model.get('name')!r}: the planner is for lemon_fusion runs")
+    if "target" not in model:
+        raise ValueError("model.target is required for lemon_fusion")
+    plan = FusionPlan.build(source_cfg, _sub(model, "target", TargetShape),
+                            _sub(model, "receptive_field", ReceptiveFields),
+                            shared_gamma=bool(model.get("shared_gamma", False)))
+    dtype = model.get("source_dtype", "auto")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"model.source_dtype={dtype!r}: expected auto or one of {sorted(DTYPE_BYTES)}")
+    precision = cfg.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    ckpt = model.get("activation_checkpointing", False)
+    if not isinstance(ckpt, bool):
+        raise ValueError(f"model.activation_checkpointing={ckpt!r}: expected true or false")
+    parallel = model.get("fusion_parallel", "replicated")
+    if parallel not in FUSION_PARALLEL:
+        raise ValueError(f"model.fusion_parallel={parallel!r}: expected one of {FUSION_PARALLEL}")
+    attn = model.get("attn_implementation", "auto")
+    seq = cfg.get("max_seq_len") or (cfg.get("variables") or {}).get("seq_len")
+    seq = _positive_int(seq, "max_seq_len")
+    micro = _positive_int(cfg.get("device_train_microbatch_size"), "device_train_microbatch_size")
+    global_batch = _positive_int(cfg.get("global_train_batch_size"), "global_train_batch_size")
+    _positive_int(gpus, "--gpus")
+    if global_batch % (gpus * micro):
+        raise ValueError(f"global_train_batch_size={global_batch} must be a multiple of --gpus x "
+                         f"device_train_microbatch_size = {gpus} x {micro}")
+    s = DTYPE_BYTES[dtype]
+    return RunShape(plan=plan, s=s, a=2 if precision.startswith("amp") or s == 2 else 4, seq=seq, micro=micro,
+                    global_batch=global_batch, ckpt=ckpt, sharded=parallel == "sharded",
+                    chunk=_positive_int(model.get("loss_chunk_tokens", 1024), "model.loss_chunk_tokens"),
+                    flash=device == "cuda" and attn in ("auto", "flash_attention_2"))
+
+
+def _numel(cfg: LlamaConfig) -> int:
+    """Parameters of ``LlamaForCausalLM(cfg)`` built on the meta device (tied weights once)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+
+
+def _kinds(plan: FusionPlan) -> list[tuple[int, int, int, int, int]]:
+    """Per weight kind: (n1, m1, n2, m2, r) with n the operator side (rows; o/down transposed)."""
+    s, t, rf = plan.source, plan.target, plan.rf
+    attn = (s.attn, s.hidden, t.attn, t.hidden, rf.r_a)
+    kv = (s.kv, s.hidden, t.kv, t.hidden, rf.r_a)
+    ffn = (s.ffn, s.hidden, t.ffn, t.hidden, rf.r_i)
+    return [attn, kv, kv, attn, ffn, ffn, ffn]  # q, k, v, o, up, gate, down
+
+
+def layer_activation_bytes(t: LlamaSizes, a: int, flash: bool) -> int:
+    """Bytes autograd saves per token in one transformers ``LlamaDecoderLayer`` (a: activation bytes).
+
+    RMSNorm (x2): the fp32 input x32 (pow, mul) 4*D, the normalised x in a (weight * x) a*D,
+    its output (input of q/k/v resp. gate/up linears) a*D -> 2 * (4 + 2a) * D.
+    Attention: RoPE saves only cos/sin; SDPA saves contiguous q, k, v, out and the fp32 logsumexp
+    (4 * heads); SDPA repeats K/V to the query width (flash-attn does not); out is copied
+    (transpose().contiguous()) as o_proj's input -> a * (3 * attn + 2 * kv_saved) + 4 * heads.
+    MLP: gate output (SiLU input), SiLU output, up output (both for the product), the product
+    (down_proj's input) -> 4 * a * ffn. No T^2 term (SDPA / flash keep no attention matrix).
+    """
+    kv_saved = t.kv if flash else t.attn
+    return 2 * (4 + 2 * a) * t.hidden + a * (3 * t.attn + 2 * kv_saved) + 4 * t.heads + 4 * a * t.ffn
+
+
+def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int) -> dict[str, float]:
+    """Bytes per component for one rank (see the module docstring of each term)."""
+    plan, s, a = r.plan, r.s, r.a
+    src, tgt = plan.source, plan.target
+    p_ops = sum(math.prod(shape) for shape in plan.operator_shapes().values())
+    tokens = r.micro * r.seq
+    l1 = math.ceil(src.layers / gpus) if r.sharded else src.layers
+    inter = sum(l1 * n2 * (m1 + m2) + (tgt.layers * n2 * m2 if r.sharded else 0)
+                for _, m1, n2, m2, _ in _kinds(plan))                       # X (L1, n2, m1), F (L1, n2, m2)
+    inter += (1 if src.tied else 2) * src.vocab * tgt.hidden                # embedding (and head)
+    per_layer = layer_activation_bytes(tgt, a, r.flash)
+    if r.ckpt:
+        act = tokens * (tgt.layers * tgt.hidden * a + per_layer)            # layer inputs + one layer
+    else:
+        act = tokens * tgt.layers * per_layer
+    act += tokens * (4 + 2 * a) * tgt.hidden                                # final norm
+    chunk = min(r.chunk, tokens)
+    return {
+        "source": p_source * s,
+        "operators (fp32)": p_ops * 4,
+        "operator grads + AdamW" + (" + DDP" if gpus > 1 else ""): p_ops * (12 + (4 if gpus > 1 else 0)),
+        "fused weights + grads": 2 * p_target * s,
+        "fusion intermediates": inter * s,
+        "target activations": act,
+        "teacher forward": tokens * (5 * src.hidden + 2 * src.ffn) * s,
+        "loss": 3 * chunk * src.vocab * 4 + src.vocab * tgt.hidden * 4 + tokens * tgt.hidden * 4,
+        "CUDA context": CUDA_OVERHEAD if device == "cuda" else 0.0,
+    }
+
+
+def flops(r: RunShape, *, gpus: int, p_source: int, p_target: int) -> dict[str, float]:
+    """FLOPs of one optimizer step on one rank: fusion (once a step), teacher, student."""
+    plan = r.plan
+    src, tgt, rh = plan.source, plan.target, plan.rf.r_h
+    tokens = r.global_batch // gpus * r.seq
+    l1 = math.ceil(src.layers / gpus) if r.sharded else src.layers
+    # block operator (n2/r, n1/r) on W (n1, m): 2 n2 n1 m / r; then B_emb on the columns; then gamma
+    fwd = sum(l1 * (2 * n2 * n1 * m1 / rr + 2 * n2 * m1 * m2 / rh) + 2 * tgt.layers * l1 * n2 * m2
+              for n1, m1, n2, m2, rr in _kinds(plan))
+    fwd += (1 if src.tied else 2) * 2 * src.vocab * src.hidden * tgt.hidden / rh
+    passes = 4 if r.ckpt else 3                       # forward + backward (2x) + recompute
+    return {
+        "fusion": 3 * fwd,
+        "teacher": tokens * (2 * _nonembedding(p_source, src) + 2 * src.layers * r.seq * src.attn
+                             + 2 * src.vocab * src.hidden),
+        "student": tokens * (passes * (2 * _nonembedding(p_target, tgt) + 2 * tgt.layers * r.seq * tgt.attn)
+                             + 6 * src.vocab * tgt.hidden),
+    }
+
+
+def _nonembedding(p: int, sizes: LlamaSizes) -> int:
+    """Parameters outside the embedding and the lm_head."""
+    return p - (1 if sizes.tied else 2) * sizes.vocab * sizes.hidden
+
+
+def plan_run(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device: str = "cuda",
+             limit_bytes: float | None = None) -> Estimate:
+    """Estimate one rank of the run ``cfg`` (resolved yaml); with ``limit_bytes``, advice when it does not fit."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: expected cuda or cpu")
+    r = run_shape(cfg, source_cfg, gpus=gpus, device=device)
+    p_source, p_target = _numel(source_cfg), _numel(r.plan.target_config(source_cfg))
+    est = Estimate(memory(r, gpus=gpus, device=device, p_source=p_source, p_target=p_target),
+                   flops(r, gpus=gpus, p_source=p_source, p_target=p_target))
+    if limit_bytes is not None and not est.fits(limit_bytes):
+        est.advice = _advice(cfg, gpus=gpus, source_cfg=source_cfg, device=device, limit_bytes=limit_bytes)
+    return est
+
+
+def _advice(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device: str,
+            limit_bytes: float) -> list[str]:
+    """Changes tried in order (sharded fusion, activation checkpointing, halving the micro-batch), each
+    with the total it reaches, until the run fits."""
+    cfg = {**cfg, "model": dict(cfg["model"])}
+    steps: list[tuple[str, Any]] = [("model.fusion_parallel", "sharded"), ("model.activation_checkpointing", True)]
+    micro = cfg["device_train_microbatch_size"]
+    while micro > 1:
+        micro //= 2
+        steps.append(("device_train_microbatch_size", micro))
+    lines = []
+    for key, value in steps:
+        section, _, name = key.rpartition(".")
+        target = cfg["model"] if section else cfg
+        if target.get(name) == value:
+            continue
+        target[name] = value
+        est = plan_run(cfg, gpus=gpus, source_cfg=source_cfg, device=device)
+        lines.append(f"{key}={str(value).lower()} -> {(est.total_bytes + est.margin_bytes) / GIB:.1f} GiB")
+        if est.fits(limit_bytes):
+            return lines
+    lines.append("still does not fit: use a smaller max_seq_len or target, or more memory per GPU")
+    return lines
+
+
+def report(est: Estimate, limit_gib: float) -> str:
+    """The tables the CLI prints."""
+    rows = [f"{'component':<32}{'GiB':>9}"]
+    rows += [f"{name:<32}{b / GIB:>9.2f}" for name, b in est.memory.items()]
+    rows += [f"{'total':<32}{est.total_bytes / GIB:>9.2f}", f"{'margin 10%':<32}{est.margin_bytes / GIB:>9.2f}"]
+    need = (est.total_bytes + est.margin_bytes) / GIB
+    rows.append(f"fits in {limit_gib:g} GiB: {'yes' if est.fits(limit_gib * GIB) else 'no'} ({need:.1f} GiB needed)")
+    rows += [f"  try {line}" if "->" in line else f"  {line}" for line in est.advice]
+    rows += ["", f"{'part':<32}{'TFLOP/step':>11}"]
+    rows += [f"{name:<32}{f / 1e12:>11.1f}" for name, f in est.flops.items()]
+    rows.append(f"{'total':<32}{sum(est.flops.values()) / 1e12:>11.1f}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lemon_composer.planner", description=__doc__.splitlines()[0])
+    p.add_argument("yaml")
+    p.add_argument("overrides", nargs="*", help="key=value yaml overrides")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--source-config", help="llama-2-7b or a folder with config.json (default: model.source_path)")
+    args = p.parse_intermixed_args(argv)
+    cfg = load_config(args.yaml, args.overrides)
+    src = args.source_config or (cfg.get("model") or {}).get("source_path")
+    if src is None:
+        raise ValueError("model.source_path is missing; pass --source-config")
+    source_cfg = source_config(src, key="--source-config" if args.source_config else "model.source_path")
+    est = plan_run(cfg, gpus=args.gpus, source_cfg=source_cfg, limit_bytes=args.gpu_mem * GIB)
+    plan = run_shape(cfg, source_cfg, gpus=args.gpus, device="cuda")
+    micro_per_step = plan.global_batch // args.gpus // plan.micro
+    print(f"{args.yaml}: {plan.plan.source.layers}x{plan.plan.source.hidden} -> "
+          f"{plan.plan.target.layers}x{plan.plan.target.hidden}, per rank of {args.gpus}: "
+          f"{micro_per_step} micro-batches of {plan.micro}x{plan.seq} tokens a step, "
+          f"fusion_parallel={'sharded' if plan.sharded else 'replicated'}, "
+          f"activation_checkpointing={str(plan.ckpt).lower()}")
+    print(report(est, args.gpu_mem))
+
+
+if __name__ == "__main__":
+    main()

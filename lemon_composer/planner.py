@@ -41,6 +41,7 @@ class Estimate:
     """One rank's memory (bytes per component) and FLOPs (per optimizer step per part)."""
     memory: dict[str, float]
     flops: dict[str, float]
+    peak: str = ""              # when the peak happens
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -169,34 +170,63 @@ def layer_activation_bytes(t: LlamaSizes, a: int, flash: bool) -> int:
     return 2 * (4 + 2 * a) * t.hidden + a * (3 * t.attn + 2 * kv_saved) + 4 * t.heads + 4 * a * t.ffn
 
 
-def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int) -> dict[str, float]:
-    """Bytes per component for one rank (see the module docstring of each term)."""
+def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int) -> tuple[dict[str, float], str]:
+    """Bytes per component alive at one rank's peak in the steady state, and where that peak is.
+
+    Always alive: the source, the operators, AdamW's moments (and DDP's gradient buckets), the step's
+    fused weights, their leaves' gradients (accumulated over micro-batches 1..n-1; none for n = 1),
+    and what autograd saves of the fusion for its one backward per step. Per kind (n the operator
+    side, o/down transposed): X = A_j W_j (L1, n2, m1), saved for B_emb's gradient (the matmul folds
+    a copy of it), and F = X B_emb^T (L1, n2, m2), saved for gamma's; embedding (and untied head): a
+    (V, D1) copy of the source's, saved by the same folded matmul when r_h > 1. Sharded: L1 is this
+    rank's share; the partial mixes are summed in the fusion's forward and are gone by the peak.
+    Then the larger of two moments of the last micro-batch:
+    - its loss: the target's saved activations, the teacher's hidden states and one layer's
+      transient, and the chunked loss: four (chunk, V) fp32 blocks at once (student and teacher
+      logits, exp(log q) and q log q), the fp32 gradients it keeps for the head and the student
+      hidden, and an fp32 copy of a bf16 head;
+    - its backward through the fusion (activations freed by then): the fused weights' gradients,
+      the operators' gradients, and the gradients of one kind's X and F.
+    """
     plan, s, a = r.plan, r.s, r.a
     src, tgt = plan.source, plan.target
     p_ops = sum(math.prod(shape) for shape in plan.operator_shapes().values())
     tokens = r.micro * r.seq
     l1 = math.ceil(src.layers / gpus) if r.sharded else src.layers
-    inter = sum(l1 * n2 * (m1 + m2) + (tgt.layers * n2 * m2 if r.sharded else 0)
-                for _, m1, n2, m2, _ in _kinds(plan))                       # X (L1, n2, m1), F (L1, n2, m2)
-    inter += (1 if src.tied else 2) * src.vocab * tgt.hidden                # embedding (and head)
+    kinds = [l1 * n2 * (m1 + m2) for _, m1, n2, m2, _ in _kinds(plan)]
+    shared = (1 if src.tied else 2) * src.vocab * src.hidden if plan.rf.r_h > 1 else 0
     per_layer = layer_activation_bytes(tgt, a, r.flash)
     if r.ckpt:
         act = tokens * (tgt.layers * tgt.hidden * a + per_layer)            # layer inputs + one layer
     else:
         act = tokens * tgt.layers * per_layer
     act += tokens * (4 + 2 * a) * tgt.hidden                                # final norm
-    chunk = min(r.chunk, tokens)
-    return {
+    chunk = min(r.chunk, r.micro * (r.seq - 1))
+    head = src.vocab * tgt.hidden * 4
+    ddp = gpus > 1
+    micro_per_step = r.global_batch // gpus // r.micro
+    common = {
         "source": p_source * s,
         "operators (fp32)": p_ops * 4,
-        "operator grads + AdamW" + (" + DDP" if gpus > 1 else ""): p_ops * (12 + (4 if gpus > 1 else 0)),
-        "fused weights + grads": 2 * p_target * s,
-        "fusion intermediates": inter * s,
-        "target activations": act,
-        "teacher forward": tokens * (5 * src.hidden + 2 * src.ffn) * s,
-        "loss": 3 * chunk * src.vocab * 4 + src.vocab * tgt.hidden * 4 + tokens * tgt.hidden * 4,
+        "AdamW moments" + (" + DDP buckets" if ddp else ""): p_ops * (12 if ddp else 8),
+        "fused weights": p_target * s,
+        "fused-weight grads (leaves)": p_target * s if micro_per_step > 1 else 0,
+        "fusion intermediates": (sum(kinds) + shared) * s,
         "CUDA context": CUDA_OVERHEAD if device == "cuda" else 0.0,
     }
+    loss_peak = {
+        "target activations": act,
+        "teacher forward": tokens * (5 * src.hidden + 2 * src.ffn) * s,    # hidden + one layer's transient
+        "loss": 4 * chunk * src.vocab * 4 + head * (1 if s == 4 else 2) + tokens * tgt.hidden * 4,
+    }
+    backward_peak = {
+        "fused-weight grads (last micro-batch)": p_target * s,
+        "operator grads (fp32)": p_ops * 4,
+        "fusion backward (one kind)": max(kinds) * s,
+    }
+    if sum(loss_peak.values()) >= sum(backward_peak.values()):
+        return {**common, **loss_peak}, "the last micro-batch's loss"
+    return {**common, **backward_peak}, "the backward through the fusion"
 
 
 def flops(r: RunShape, *, gpus: int, p_source: int, p_target: int) -> dict[str, float]:
@@ -231,8 +261,8 @@ def plan_run(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device:
         raise ValueError(f"device={device!r}: expected cuda or cpu")
     r = run_shape(cfg, source_cfg, gpus=gpus, device=device)
     p_source, p_target = _numel(source_cfg), _numel(r.plan.target_config(source_cfg))
-    est = Estimate(memory(r, gpus=gpus, device=device, p_source=p_source, p_target=p_target),
-                   flops(r, gpus=gpus, p_source=p_source, p_target=p_target))
+    mem, peak = memory(r, gpus=gpus, device=device, p_source=p_source, p_target=p_target)
+    est = Estimate(mem, flops(r, gpus=gpus, p_source=p_source, p_target=p_target), peak)
     if limit_bytes is not None and not est.fits(limit_bytes):
         est.advice = _advice(cfg, gpus=gpus, source_cfg=source_cfg, device=device, limit_bytes=limit_bytes)
     return est
@@ -265,15 +295,15 @@ def _advice(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device: 
 
 def report(est: Estimate, limit_gib: float) -> str:
     """The tables the CLI prints."""
-    rows = [f"{'component':<32}{'GiB':>9}"]
-    rows += [f"{name:<32}{b / GIB:>9.2f}" for name, b in est.memory.items()]
-    rows += [f"{'total':<32}{est.total_bytes / GIB:>9.2f}", f"{'margin 10%':<32}{est.margin_bytes / GIB:>9.2f}"]
+    rows = [f"memory of one rank at its peak, {est.peak}:", f"{'component':<40}{'GiB':>9}"]
+    rows += [f"{name:<40}{b / GIB:>9.2f}" for name, b in est.memory.items()]
+    rows += [f"{'total':<40}{est.total_bytes / GIB:>9.2f}", f"{'margin 10%':<40}{est.margin_bytes / GIB:>9.2f}"]
     need = (est.total_bytes + est.margin_bytes) / GIB
     rows.append(f"fits in {limit_gib:g} GiB: {'yes' if est.fits(limit_gib * GIB) else 'no'} ({need:.1f} GiB needed)")
     rows += [f"  try {line}" if "->" in line else f"  {line}" for line in est.advice]
-    rows += ["", f"{'part':<32}{'TFLOP/step':>11}"]
-    rows += [f"{name:<32}{f / 1e12:>11.1f}" for name, f in est.flops.items()]
-    rows.append(f"{'total':<32}{sum(est.flops.values()) / 1e12:>11.1f}")
+    rows += ["", f"{'part':<40}{'TFLOP/step':>11}"]
+    rows += [f"{name:<40}{f / 1e12:>11.1f}" for name, f in est.flops.items()]
+    rows.append(f"{'total':<40}{sum(est.flops.values()) / 1e12:>11.1f}")
     return "\n".join(rows)
 
 

@@ -32,7 +32,7 @@ class FuseConfig:
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
     init: cut | identity | random | avg | prune; init_seed for random; calibration for prune.
     lam: lambda of Eq. 4 (LM weight; KL gets 1 - lambda); temperature: of the KL term.
-    source_dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.
+    source_dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 | float64 (exactness tests).
     attn_implementation: auto (flash-attn on GPU when installed, else sdpa) | sdpa | eager | flash_attention_2.
     init_device: cpu (load the source) | meta (shapes only, no weights read: for checking recipes).
     activation_checkpointing: recompute each target layer in backward (HF gradient checkpointing);

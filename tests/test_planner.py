@@ -1,0 +1,108 @@
+"""The memory / FLOP planner: hand-computed terms, the paper's recipes, errors, the CLI (no weights loaded)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from transformers import LlamaConfig
+
+from conftest import REPO
+from lemon_composer.planner import GIB, load_config, main, plan_run, source_config
+
+# source 4 layers x hidden 8 (2 heads of 4), FFN 16, vocab 32, untied -> target 2 x 4 (1 head), FFN 8
+TINY_SOURCE = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
+                          num_hidden_layers=4, vocab_size=32, tie_word_embeddings=False)
+RECIPES = [REPO / "yamls" / "fuse" / f"{name}.yaml" for name in ("7b_to_1.3b", "7b_to_2.7b")]
+
+
+def tiny_cfg(**model) -> dict:
+    return {"model": {"name": "lemon_fusion", "source_path": "/unused", "source_dtype": "float32",
+                      "target": {"hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 1,
+                                 "num_hidden_layers": 2},
+                      "receptive_field": {"r_h": 2, "r_a": 2, "r_i": 2}, **model},
+            "max_seq_len": 16, "global_train_batch_size": 4, "device_train_microbatch_size": 2, "precision": "fp32"}
+
+
+def test_tiny_hand_computed():
+    est = plan_run(tiny_cfg(), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    # B_emb (2, 4) + A_attn (4, 2, 4) + A_ffn (4, 4, 8) + 9 gammas (2, 4) = 8 + 32 + 128 + 72
+    assert est.memory["operators (fp32)"] == 240 * 4
+    assert est.memory["AdamW moments + DDP buckets"] == 240 * 12
+    # per source layer l1 * n2 * (m1 + m2): q, k, v, o 4 * 4 * (8 + 4); up, gate, down 4 * 8 * (8 + 4);
+    # embedding and head copies 2 * 32 * 8 (r_h = 2); fp32
+    assert est.memory["fusion intermediates"] == (4 * 192 + 3 * 384 + 512) * 4
+    assert est.memory["CUDA context"] == 0
+    # teacher, 2 x 16 = 32 tokens per rank: 2 * (non-embedding params 4 * (4 * 64 + 3 * 128 + 16) + 8)
+    # + causal attention 2 * L1 * T * attn1 + head 2 * V * D1, per token
+    assert est.flops["teacher"] == 32 * (2 * 2632 + 2 * 4 * 16 * 8 + 2 * 32 * 8)
+    # fusion: per source layer 4 * (2*4*8*8/2 + 2*4*8*4/2) + 3 * (2*8*16*8/2 + 2*8*8*4/2) = 5376;
+    # gamma 2 * L2 * L1 * (4 * 16 + 3 * 32) = 2560; embedding and head 2 * (2*32*8*4/2) = 2048;
+    # forward + backward (2x)
+    assert est.flops["fusion"] == 3 * (4 * 5376 + 2560 + 2048)
+    sharded = plan_run(tiny_cfg(fusion_parallel="sharded"), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    assert sharded.flops["fusion"] == 3 * (2 * 5376 + 1280 + 2048)   # each rank: 2 of the 4 source layers
+    assert sharded.memory["fusion intermediates"] == (2 * 192 + 3 * 192 + 512) * 4
+
+
+def test_checkpointing_shrinks_activations_and_adds_a_forward():
+    plain = plan_run(tiny_cfg(), gpus=1, source_cfg=TINY_SOURCE, device="cpu")
+    ckpt = plan_run(tiny_cfg(activation_checkpointing=True), gpus=1, source_cfg=TINY_SOURCE, device="cpu")
+    assert ckpt.flops["student"] > plain.flops["student"]
+    assert ckpt.total_bytes < plain.total_bytes
+
+
+@pytest.mark.parametrize("parallel", ["replicated", "sharded"])
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_paper_recipes(path, parallel):
+    cfg = load_config(path, [f"model.fusion_parallel={parallel}"])
+    est = plan_run(cfg, gpus=8, source_cfg=source_config("llama-2-7b"), limit_bytes=80 * GIB)
+    assert est.memory["source"] == pytest.approx(6.738e9 * 2, rel=1e-3)   # LLaMA-2-7B in bf16
+    assert est.memory["CUDA context"] == 1.5 * GIB
+    assert all(v > 0 for v in est.flops.values())
+    assert est.fits(80 * GIB) == (not est.advice)
+
+
+def test_sharding_cuts_fusion_cost():
+    cfg = load_config(RECIPES[0])
+    src = source_config("llama-2-7b")
+    rep = plan_run(cfg, gpus=8, source_cfg=src)
+    cfg["model"]["fusion_parallel"] = "sharded"
+    sh = plan_run(cfg, gpus=8, source_cfg=src)
+    assert sh.flops["fusion"] < rep.flops["fusion"] / 4
+    assert sh.memory["fusion intermediates"] < rep.memory["fusion intermediates"] / 2
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.name", "mpt_causal_lm"), ("model.fusion_parallel", "tensor"), ("model.source_dtype", "int8"),
+    ("model.activation_checkpointing", "yes"), ("model.loss_chunk_tokens", 0), ("global_train_batch_size", 6),
+    ("device_train_microbatch_size", -1), ("precision", "fp64"),
+])
+def test_bad_value_names_the_key(key, value):
+    cfg = tiny_cfg()
+    section, _, name = key.rpartition(".")
+    (cfg["model"] if section else cfg)[name] = value
+    with pytest.raises(ValueError, match=key):
+        plan_run(cfg, gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+
+
+def test_unknown_source_config(tmp_path):
+    with pytest.raises(ValueError, match="--source-config"):
+        source_config(str(tmp_path))
+
+
+def test_advice_when_it_does_not_fit(capsys):
+    main([str(RECIPES[1]), "--source-config", "llama-2-7b", "--gpu-mem", "40"])
+    out = capsys.readouterr().out
+    assert "fits in 40 GiB: no" in out
+    assert "try model.fusion_parallel=sharded" in out and "try model.activation_checkpointing=true" in out
+
+
+def test_cli_prints_the_tables():
+    run = subprocess.run([sys.executable, "-m", "lemon_composer.planner", str(RECIPES[0]), "--gpus", "8",
+                          "--source-config", "llama-2-7b", "model.fusion_parallel=sharded"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    out = run.stdout
+    for line in ("fusion_parallel=sharded", "source", "fusion intermediates", "target activations", "total",
+                 "margin 10%", "fits in 80 GiB: yes", "TFLOP/step", "teacher", "student"):
+        assert line in out, out

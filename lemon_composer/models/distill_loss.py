@@ -8,8 +8,8 @@ closed form,
     dL/dz = m / n * [lam (softmax(z) - onehot(y)) + (1 - lam) T (softmax(z / T) - softmax(t / T))],
 
 which it turns straight into dL/dh = dz W and dL/dW += dz^T h. Backward then only scales those by
-the incoming gradient. So at most three (C, V) fp32 blocks exist at any time, and nothing of vocab
-size is kept for backward. PyTorch's ``cross_entropy`` and ``kl_div`` would keep several (N, V)
+the incoming gradient. Softmaxes are computed in place where possible, so at most three (C, V) fp32
+blocks exist at any time (two between steps), and nothing of vocab size is kept for backward. PyTorch's ``cross_entropy`` and ``kl_div`` would keep several (N, V)
 copies of the logits alive until backward (what Liger-Kernel's fused linear cross-entropy also
 avoids); that is why this is written by hand.
 
@@ -34,24 +34,46 @@ class TokenStats:
     mask: Tensor
 
 
-def _chunk_terms(zs: Tensor, zt: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, ...]:
-    """One chunk's per-token CE, KL, teacher CE; leaves ``zt`` holding softmax(t / T) (in place).
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """Σ_v x[c, v] y[c, v] per row as a batched dot product: no (C, V) temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
 
-    zs, zt: (C, V) fp32 (or fp64) student / teacher logits; labels (C,) with IGNORE_INDEX allowed.
+
+def _chunk(zs: Tensor, zt: Tensor, labels: Tensor, lam: float, temperature: float, n: Tensor,
+           need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One chunk: per-token CE, KL, teacher CE and (if ``need_grad``) dL/dz; consumes ``zs`` and ``zt``.
+
+    zs, zt: (C, V) student / teacher logits; labels (C,) with IGNORE_INDEX allowed; n: label count.
     """
-    safe = labels.clamp(min=0).unsqueeze(1)                       # (C, 1)
-    lse = zs.logsumexp(-1)                                        # (C,)
-    ce = lse - zs.gather(1, safe).squeeze(1)
-    source_ce = zt.logsumexp(-1) - zt.gather(1, safe).squeeze(1)
-    zs_t = zs / temperature if temperature != 1.0 else zs
-    lse_t = zs_t.logsumexp(-1)
-    zt.div_(temperature)
-    zt.sub_(zt.logsumexp(-1, keepdim=True))                       # log q, in place
-    entropy_term = (zt.exp() * zt).sum(-1)                        # Σ q log q
-    zt.exp_()                                                     # q, in place
-    cross = (zt * zs_t).sum(-1)                                   # Σ q z / T
-    kl = (entropy_term - cross + lse_t) * temperature**2
-    return ce, kl, source_ce, lse, lse_t
+    T = temperature
+    safe = labels.clamp(min=0).unsqueeze(1)                        # (C, 1)
+    ls = torch.log_softmax(zs, dim=-1)                             # log p
+    ce = -ls.gather(1, safe).squeeze(1)
+    ls_t = ls if T == 1.0 else torch.log_softmax(zs.div_(T), dim=-1)   # log p^T
+    del zs
+    if T == 1.0:
+        lq = torch.log_softmax(zt, dim=-1)                         # log q (teacher)
+        source_ce = -lq.gather(1, safe).squeeze(1)
+    else:
+        source_ce = zt.logsumexp(-1) - zt.gather(1, safe).squeeze(1)
+        lq = torch.log_softmax(zt.div_(T), dim=-1)                 # log q^T
+    del zt
+    diff = lq - ls_t
+    q = lq.exp_()                                                  # q^T, in place
+    kl = _rowdot(q, diff) * T**2                                   # Σ q (log q - log p) T^2
+    del diff
+    if not need_grad:
+        return ce, kl, source_ce, None
+    # dL/dz = lam (p - onehot) + (1 - lam) T (p^T - q^T), scaled by mask / n
+    p_t = ls_t.exp_() if T != 1.0 else None
+    dz = ls.exp_()                                                 # p, in place
+    if p_t is None:
+        dz.sub_(q, alpha=1 - lam)
+    else:
+        dz.mul_(lam).add_(p_t, alpha=(1 - lam) * T).sub_(q, alpha=(1 - lam) * T)
+    dz[torch.arange(dz.shape[0], device=dz.device), safe.squeeze(1)] -= lam
+    dz.mul_(((labels != IGNORE_INDEX).to(dz.dtype) / n).unsqueeze(1))   # ignored tokens contribute nothing
+    return ce, kl, source_ce, dz
 
 
 class _FusedDistillLoss(torch.autograd.Function):
@@ -70,25 +92,13 @@ class _FusedDistillLoss(torch.autograd.Function):
         stats = torch.empty(3, labels.numel(), dtype=acc, device=h_s.device)  # ce, kl, source ce
         for start in range(0, labels.numel(), chunk):
             sl = slice(start, start + chunk)
-            zs = (h_s[sl] @ w_s.t()).to(acc)                     # (C, V)
-            zt = (h_t[sl] @ w_t.t()).to(acc)                     # (C, V)
-            ce, kl, source_ce, lse, lse_t = _chunk_terms(zs, zt, labels[sl], temperature)
+            zs = (h_s[sl] @ w_s.t()).to(acc)                        # (C, V)
+            zt = (h_t[sl] @ w_t.t()).to(acc)                        # (C, V)
+            ce, kl, source_ce, dz = _chunk(zs, zt, labels[sl], lam, temperature, n, need_grad)
             stats[0, sl], stats[1, sl], stats[2, sl] = ce, kl, source_ce
-            if not need_grad:
-                continue
-            m = mask[sl].to(acc).unsqueeze(1) / n         # (C, 1)
-            soft_t = (zs / temperature).sub_(lse_t.unsqueeze(1)).exp_() if temperature != 1.0 else None
-            dz = zs.sub_(lse.unsqueeze(1)).exp_()                   # softmax(z), in place
-            if soft_t is None:
-                dz.mul_(lam + (1 - lam) * temperature)
-            else:
-                dz.mul_(lam).add_(soft_t, alpha=(1 - lam) * temperature)
-            dz.sub_(zt, alpha=(1 - lam) * temperature)             # zt holds softmax(t / T)
-            rows = torch.arange(dz.shape[0], device=dz.device)
-            dz[rows, labels[sl].clamp(min=0)] -= lam
-            dz.mul_(m)                                              # ignored tokens contribute nothing
-            grad_h[sl] = dz @ w_s_acc
-            grad_w.addmm_(dz.t(), h_s[sl].to(acc))
+            if dz is not None:
+                grad_h[sl] = dz @ w_s_acc
+                grad_w.addmm_(dz.t(), h_s[sl].to(acc))
         maskf = mask.to(acc)
         lm = (stats[0] * maskf).sum() / n
         kl = (stats[1] * maskf).sum() / n

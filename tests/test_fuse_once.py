@@ -108,3 +108,21 @@ def test_trainer_with_fuse_once_follows_the_per_microbatch_run(source_dir, sched
     for name, value in ref.items():
         assert not torch.equal(value, dict(init.named_parameters())[name].detach()), name  # it trained
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(source_dir):
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        model = make(source_dir, source_dtype="float64", activation_checkpointing=ckpt)
+        model.operators.double()
+        model.train()
+        layer = model.skeleton.model.model.layers[0]
+        calls[ckpt] = 0
+
+        def count(*_):
+            calls[ckpt] += 1
+        layer.register_forward_pre_hook(count)  # (recompute stops early: a post-hook would not fire)
+        grads[ckpt] = operator_grads(model, [batch(seed=7, b=2, t=10)], amortised=True)
+    assert calls == {False: 1, True: 2}  # the checkpointed layer runs again in backward
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-12, atol=1e-14, msg=name)

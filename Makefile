@@ -27,3 +27,5 @@ test: setup
 bench: setup
 	$(PY) bench/data_prep_throughput.py
 	$(PY) bench/fusion_forward.py
+	$(PY) bench/fusion_step.py
+	cd bench && ../$(VENV)/bin/composer -n 2 sharded_fusion.py

@@ -126,3 +126,25 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(sour
     assert calls == {False: 1, True: 2}  # the checkpointed layer runs again in backward
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_layer_stage_reuses_the_dimension_products_and_keeps_gamma_exact(source_dir):
+    """With the dimension operators detached, fusion is gamma's mix over cached A_j W_j B_emb^T."""
+    model = make(source_dir, source_dtype="float64")
+    model.operators.double()
+    model.train()
+    micro = [batch(seed=3, b=2, t=10), batch(seed=4, b=2, t=10)]
+    joint = operator_grads(model, micro, amortised=True)
+    model.trainable = ("layers",)
+    first = operator_grads(model, micro, amortised=True)
+    cached = model._dims_cache[1]
+    second = operator_grads(model, micro, amortised=True)
+    assert model._dims_cache[1] is cached  # reused, not recomputed
+    with torch.no_grad():
+        model.operators.B_emb.mul_(1.5)     # any change to a dimension operator invalidates it
+    operator_grads(model, micro, amortised=True)
+    assert model._dims_cache[1] is not cached
+    assert first.keys() == second.keys() == {n for n in joint if n.startswith("operators.gamma")}
+    for name in first:
+        torch.testing.assert_close(first[name], joint[name], rtol=1e-12, atol=1e-14, msg=name)
+        torch.testing.assert_close(second[name], joint[name], rtol=1e-12, atol=1e-14, msg=name)

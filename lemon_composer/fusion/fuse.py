@@ -85,14 +85,12 @@ def dimension_operator(plan: FusionPlan, kind: str) -> tuple[str, int]:
     return "A_ffn", plan.rf.r_i
 
 
-def fuse_layers(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
-                sources: slice = slice(None)) -> dict[str, Tensor]:
-    """Eq. 2 for the decoder layers, summed over the source layers ``sources`` only.
+def dimension_fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
+                   sources: slice = slice(None)) -> dict[str, Tensor]:
+    """Algorithm 1's dimension step for the source layers ``sources``: R_dim of Eq. 2, before gamma.
 
     Per source layer j: q, k, v, up, gate: A_j W_j B_emb^T; o, down: (B_emb W_j A_j^T)^T = A_j W_j^T B_emb^T;
-    ln1, ln2: B_emb w_j. Then gamma mixes them: out[kind] (L2, n2, D2) (o, down: the target weight
-    transposed), norms (L2, D2). Summing the results over a partition of the source layers gives the
-    full fusion: that is how sharded fusion splits the work across ranks.
+    ln1, ln2: B_emb w_j. Returns kind -> (Lj, n2, D2) (o, down: the target weight transposed), norms (Lj, D2).
     """
     B = ops["B_emb"]
     out: dict[str, Tensor] = {}
@@ -100,16 +98,34 @@ def fuse_layers(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Ten
         w = stacked[kind][sources]                                # (Lj, rows, cols) HF layout
         b = B.to(w.dtype)
         if kind in NORMS:
-            per_source = block_vec(b, w, plan.rf.r_h)            # (Lj, D2)
-        else:
-            if kind in TRANSPOSED:
-                w = w.transpose(1, 2)                             # (Lj, n1, D1): the contiguous storage
-            name, r = dimension_operator(plan, kind)
-            a = ops[name][sources].to(w.dtype)                    # (Lj, n2/r, n1/r)
-            per_source = block_cols(b, block_rows(a, w, r), plan.rf.r_h)   # (Lj, n2, D2)
-        gamma = ops["gamma.shared"] if plan.shared_gamma else ops[f"gamma.{kind}"]
-        out[kind] = layer_mix(gamma[:, sources], per_source)     # (L2, ...)
+            out[kind] = block_vec(b, w, plan.rf.r_h)             # (Lj, D2)
+            continue
+        if kind in TRANSPOSED:
+            w = w.transpose(1, 2)                                 # (Lj, n1, D1): the contiguous storage
+        name, r = dimension_operator(plan, kind)
+        a = ops[name][sources].to(w.dtype)                        # (Lj, n2/r, n1/r)
+        out[kind] = block_cols(b, block_rows(a, w, r), plan.rf.r_h)   # (Lj, n2, D2)
     return out
+
+
+def mix_layers(plan: FusionPlan, ops: dict[str, Tensor], per_source: dict[str, Tensor],
+               sources: slice = slice(None)) -> dict[str, Tensor]:
+    """Eq. 2's layer operator over the source layers ``sources``: kind -> (L2, ...).
+
+    Summing the results over a partition of the source layers gives the full fusion: that is how
+    sharded fusion splits the work across ranks.
+    """
+    out = {}
+    for kind, stack in per_source.items():
+        gamma = ops["gamma.shared"] if plan.shared_gamma else ops[f"gamma.{kind}"]
+        out[kind] = layer_mix(gamma[:, sources], stack)          # (L2, ...)
+    return out
+
+
+def fuse_layers(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
+                sources: slice = slice(None)) -> dict[str, Tensor]:
+    """Eq. 2 for the decoder layers, summed over the source layers ``sources`` only."""
+    return mix_layers(plan, ops, dimension_fuse(plan, ops, stacked, sources), sources)
 
 
 def fuse_shared(plan: FusionPlan, ops: dict[str, Tensor], source: dict[str, Tensor]) -> dict[str, Tensor]:

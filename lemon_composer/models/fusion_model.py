@@ -30,8 +30,8 @@ from torchmetrics import Metric
 from transformers import LlamaForCausalLM
 
 from lemon_composer.data.calibration import calibration_batches
-from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, fuse_layers, fuse_shared,
-                                        stack_layers, to_state_dict)
+from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, dimension_fuse, fuse_shared,
+                                        mix_layers, stack_layers, to_state_dict)
 from lemon_composer.fusion.init import (Selection, cut_selection, identity_selection, operator_values,
                                         random_selection)
 from lemon_composer.fusion.plan import FusionPlan
@@ -111,6 +111,7 @@ class LemonFusionModel(ComposerModel):
         self.trainable: tuple[str, ...] = OPERATOR_GROUPS
         self._step: StepWeights | None = None           # set by begin_step (lemon_fuse_once)
         self._eval_weights: dict[str, Tensor] | None = None  # set by begin_eval
+        self._dims_cache: tuple[tuple, dict[str, Tensor]] | None = None  # see _dimension_fused
         if self.cfg.init_device != "meta":
             self.operators.load_values(operator_values(self.plan, self._initial_selection()))
         self.train_metrics = {"LanguageCrossEntropy": TokenCrossEntropy(),
@@ -171,12 +172,30 @@ class LemonFusionModel(ComposerModel):
         self._place_source(self.operators.B_emb.device)
         ops = self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
         rank, world_size = world()
-        if self.cfg.fusion_parallel == "sharded" and world_size > 1:
-            layers = all_reduce_layers(fuse_layers(self.plan, ops, self._stacked,
-                                                   source_share(self.plan.source.layers, rank, world_size)))
-        else:
-            layers = fuse_layers(self.plan, ops, self._stacked)
+        sharded = self.cfg.fusion_parallel == "sharded" and world_size > 1
+        sources = source_share(self.plan.source.layers, rank, world_size) if sharded else slice(None)
+        layers = mix_layers(self.plan, ops, self._dimension_fused(ops, sources), sources)
+        if sharded:
+            layers = all_reduce_layers(layers)
         return {**layers, **fuse_shared(self.plan, ops, self._source_weights())}
+
+    def _dimension_fused(self, ops: dict[str, Tensor], sources: slice) -> dict[str, Tensor]:
+        """``dimension_fuse``, cached while no dimension operator takes gradients (frozen, or the layer stage).
+
+        Then each step's fusion is gamma's mix alone: the second half of ``dims_then_layers`` and
+        depth-only runs skip the dimension products. The cache is keyed on the operators' version
+        counters, so any change to their values (a load, an optimizer step) recomputes it.
+        """
+        dims = [ops[name] for name in ops if not name.startswith("gamma.")]
+        if any(t.requires_grad for t in dims):
+            self._dims_cache = None
+            return dimension_fuse(self.plan, ops, self._stacked, sources)
+        key = (sources.start, sources.stop, self._stacked["q"].device,
+               tuple(p._version for n, p in self.operators.named_parameters() if not n.startswith("gamma.")))
+        if self._dims_cache is None or self._dims_cache[0] != key:
+            with torch.no_grad():
+                self._dims_cache = (key, dimension_fuse(self.plan, ops, self._stacked, sources))
+        return self._dims_cache[1]
 
     def _source_weights(self) -> dict[str, Tensor]:
         names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if self.plan.source.tied else ["lm_head.weight"])

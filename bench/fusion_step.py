@@ -95,8 +95,8 @@ def fusion_step(model, opt, microbatches: list[dict]) -> None:
 
 
 def fusion_alone(model) -> None:
-    weights = {id(w): w for w in model.fused_state_dict().values()}.values()
-    torch.autograd.backward(list(weights), [torch.ones_like(w) for w in weights])
+    weights = [w for w in {id(w): w for w in model.fused_state_dict().values()}.values() if w.requires_grad]
+    torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
     model.zero_grad(set_to_none=True)
 
 
@@ -131,7 +131,7 @@ def worker(job: dict) -> dict:
     if job["what"] == "fusion":
         ids = micro[0]["input_ids"]
         with torch.no_grad():
-            out["teacher"] = timed(lambda: model.source.model(input_ids=ids), job["repeat"])
+            out["teacher"] = timed(lambda: model.source(input_ids=ids), job["repeat"])  # logits included
         out["fusion_alone"] = timed(lambda: fusion_alone(model), job["repeat"])
     return out
 

@@ -31,9 +31,13 @@ BUILTIN_SOURCES = {
                        num_hidden_layers=32, vocab_size=32000, head_dim=128, tie_word_embeddings=False,
                        max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "amp_fp8")
 FUSION_PARALLEL = ("replicated", "sharded")
+# (chunk, V) fp32 blocks alive at once in the fused loss (models/distill_loss.py): the student and
+# teacher logits while their log-softmaxes are formed, then log p, log q and their difference; the
+# loss runs with autocast disabled, so amp_* adds none
+LOSS_BLOCKS = 3
 
 
 @dataclass
@@ -62,13 +66,16 @@ class RunShape:
     plan: FusionPlan
     s: int                      # bytes per source / fused weight element
     a: int                      # bytes per activation element
+    amp: bool                   # precision amp_*: autocast
     seq: int
     micro: int                  # device_train_microbatch_size
-    global_batch: int
+    micro_per_step: int         # micro-batches per optimizer step on one rank
     ckpt: bool
     sharded: bool
     chunk: int                  # loss_chunk_tokens
     flash: bool                 # flash-attn (no KV repeat) vs SDPA (K, V repeated to the query width)
+    fuse_once: bool             # algorithms.lemon_fuse_once: fuse once per optimizer step
+    joint: bool                 # dimension and layer operators train together (no staged schedule)
 
 
 def source_config(name_or_path: str, *, key: str = "--source-config") -> LlamaConfig:
@@ -124,7 +131,13 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
     parallel = model.get("fusion_parallel", "replicated")
     if parallel not in FUSION_PARALLEL:
         raise ValueError(f"model.fusion_parallel={parallel!r}: expected one of {FUSION_PARALLEL}")
-    attn = model.get("attn_implementation", "auto")
+    algorithms = cfg.get("algorithms") or {}
+    fuse_once = "lemon_fuse_once" in algorithms
+    if parallel == "sharded" and gpus > 1 and not fuse_once:
+        raise ValueError("model.fusion_parallel=sharded needs algorithms.lemon_fuse_once (every rank must "
+                         "fuse at the same points)")
+    staged = "lemon_fusion_stages" in algorithms and \
+        (algorithms["lemon_fusion_stages"] or {}).get("schedule", "dims_then_layers") != "joint"
     seq = cfg.get("max_seq_len") or (cfg.get("variables") or {}).get("seq_len")
     seq = _positive_int(seq, "max_seq_len")
     micro = _positive_int(cfg.get("device_train_microbatch_size"), "device_train_microbatch_size")
@@ -134,10 +147,12 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
         raise ValueError(f"global_train_batch_size={global_batch} must be a multiple of --gpus x "
                          f"device_train_microbatch_size = {gpus} x {micro}")
     s = DTYPE_BYTES[dtype]
-    return RunShape(plan=plan, s=s, a=2 if precision.startswith("amp") or s == 2 else 4, seq=seq, micro=micro,
-                    global_batch=global_batch, ckpt=ckpt, sharded=parallel == "sharded",
+    amp = precision.startswith("amp")
+    flash = device == "cuda" and model.get("attn_implementation", "auto") in ("auto", "flash_attention_2")
+    return RunShape(plan=plan, s=s, a=2 if amp or s == 2 else s, amp=amp, seq=seq, micro=micro,
+                    micro_per_step=global_batch // gpus // micro, ckpt=ckpt, sharded=parallel == "sharded",
                     chunk=_positive_int(model.get("loss_chunk_tokens", 1024), "model.loss_chunk_tokens"),
-                    flash=device == "cuda" and attn in ("auto", "flash_attention_2"))
+                    flash=flash, fuse_once=fuse_once, joint=not staged)
 
 
 def _numel(cfg: LlamaConfig) -> int:
@@ -173,18 +188,20 @@ def layer_activation_bytes(t: LlamaSizes, a: int, flash: bool) -> int:
 def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int) -> tuple[dict[str, float], str]:
     """Bytes per component alive at one rank's peak in the steady state, and where that peak is.
 
-    Always alive: the source, the operators, AdamW's moments (and DDP's gradient buckets), the step's
-    fused weights, their leaves' gradients (accumulated over micro-batches 1..n-1; none for n = 1),
-    and what autograd saves of the fusion for its one backward per step. Per kind (n the operator
-    side, o/down transposed): X = A_j W_j (L1, n2, m1), saved for B_emb's gradient (the matmul folds
-    a copy of it), and F = X B_emb^T (L1, n2, m2), saved for gamma's; embedding (and untied head): a
-    (V, D1) copy of the source's, saved by the same folded matmul when r_h > 1. Sharded: L1 is this
-    rank's share; the partial mixes are summed in the fusion's forward and are gone by the peak.
-    Then the larger of two moments of the last micro-batch:
-    - its loss: the target's saved activations, the teacher's hidden states and one layer's
-      transient, and the chunked loss: four (chunk, V) fp32 blocks at once (student and teacher
-      logits, exp(log q) and q log q), the fp32 gradients it keeps for the head and the student
-      hidden, and an fp32 copy of a bf16 head;
+    Alive throughout: the source, the operators, AdamW's moments (and DDP's gradient buckets), the
+    fused weights, and what autograd saves of the fusion. Per kind (n the operator side, o/down
+    transposed): X = A_j W_j (L1, n2, m1), saved for B_emb's gradient (as a copy the matmul folds), and
+    F = X B_emb^T (L1, n2, m2), saved for gamma's; the embedding (and untied head) product is
+    recomputed in backward, so nothing of vocab size is saved. A staged schedule never keeps X and F
+    together (dims stage: X; layer stage: the cached F), so the larger, X, counts. Sharded: L1 is this
+    rank's share; the partial mixes are summed during the fusion's forward and are gone by the peak.
+    With lemon_fuse_once the fused weights' leaves accumulate gradients over micro-batches 1..n-1;
+    without it every micro-batch fuses and back-propagates into the operators, whose gradients then
+    stay from the first micro-batch on. Then the larger of two moments of the last micro-batch:
+    - its loss: the target's saved activations, the teacher's final hidden states, and the chunked
+      loss: LOSS_BLOCKS (chunk, V) blocks at once, the fp32 gradients it keeps
+      for the head and the student hidden states, an fp32 copy of a bf16 head (or the teacher's
+      one-layer transient, 4 D1 + 3 ffn1 per token, when that is larger);
     - its backward through the fusion (activations freed by then): the fused weights' gradients,
       the operators' gradients, and the gradients of one kind's X and F.
     """
@@ -193,36 +210,38 @@ def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int)
     p_ops = sum(math.prod(shape) for shape in plan.operator_shapes().values())
     tokens = r.micro * r.seq
     l1 = math.ceil(src.layers / gpus) if r.sharded else src.layers
-    kinds = [l1 * n2 * (m1 + m2) for _, m1, n2, m2, _ in _kinds(plan)]
-    shared = (1 if src.tied else 2) * src.vocab * src.hidden if plan.rf.r_h > 1 else 0
+    x = sum(l1 * n2 * m1 for _, m1, n2, _, _ in _kinds(plan))
+    f = sum(l1 * n2 * m2 for _, _, n2, m2, _ in _kinds(plan))
     per_layer = layer_activation_bytes(tgt, a, r.flash)
     if r.ckpt:
         act = tokens * (tgt.layers * tgt.hidden * a + per_layer)            # layer inputs + one layer
     else:
         act = tokens * tgt.layers * per_layer
     act += tokens * (4 + 2 * a) * tgt.hidden                                # final norm
-    chunk = min(r.chunk, r.micro * (r.seq - 1))
-    head = src.vocab * tgt.hidden * 4
+    acc = max(s, 4)                                                         # the loss computes in fp32 at least
+    loss = (LOSS_BLOCKS * min(r.chunk, r.micro * (r.seq - 1)) * src.vocab * acc
+            + src.vocab * tgt.hidden * acc * (1 if s == acc else 2) + tokens * tgt.hidden * acc)
     ddp = gpus > 1
-    micro_per_step = r.global_batch // gpus // r.micro
+    accumulating = r.micro_per_step > 1
     common = {
         "source": p_source * s,
         "operators (fp32)": p_ops * 4,
         "AdamW moments" + (" + DDP buckets" if ddp else ""): p_ops * (12 if ddp else 8),
         "fused weights": p_target * s,
-        "fused-weight grads (leaves)": p_target * s if micro_per_step > 1 else 0,
-        "fusion intermediates": (sum(kinds) + shared) * s,
+        "fused-weight grads (leaves)": p_target * s if r.fuse_once and accumulating else 0,
+        "operator grads (fp32)": p_ops * 4 if not r.fuse_once and accumulating else 0,
+        "fusion intermediates": (x + (f if r.joint else 0)) * s,
         "CUDA context": CUDA_OVERHEAD if device == "cuda" else 0.0,
     }
     loss_peak = {
         "target activations": act,
-        "teacher forward": tokens * (5 * src.hidden + 2 * src.ffn) * s,    # hidden + one layer's transient
-        "loss": 4 * chunk * src.vocab * 4 + head * (1 if s == 4 else 2) + tokens * tgt.hidden * 4,
+        "teacher hidden states": tokens * src.hidden * s,
+        "loss": max(loss, tokens * (4 * src.hidden + 3 * src.ffn) * s),
     }
     backward_peak = {
         "fused-weight grads (last micro-batch)": p_target * s,
         "operator grads (fp32)": p_ops * 4,
-        "fusion backward (one kind)": max(kinds) * s,
+        "fusion backward (one kind)": max(l1 * n2 * (m1 + m2) for _, m1, n2, m2, _ in _kinds(plan)) * s,
     }
     if sum(loss_peak.values()) >= sum(backward_peak.values()):
         return {**common, **loss_peak}, "the last micro-batch's loss"
@@ -230,18 +249,27 @@ def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int)
 
 
 def flops(r: RunShape, *, gpus: int, p_source: int, p_target: int) -> dict[str, float]:
-    """FLOPs of one optimizer step on one rank: fusion (once a step), teacher, student."""
+    """FLOPs of one optimizer step on one rank: fusion (every operator training), teacher, student.
+
+    Fusion: a block operator (n2/r, n1/r) applied to W (n1, m) costs 2 n2 n1 m / r; per source layer
+    and kind A_j on the rows (m = m1), then B_emb on the columns (2 n2 m1 m2 / r_h), then gamma's mix
+    2 L2 L1 n2 m2; embedding (and head) 2 V D1 D2 / r_h; backward twice the forward (the vocabulary
+    products once more: recomputed). Sharded: L1 is this
+    rank's share. Once per step with lemon_fuse_once, else once per micro-batch.
+    Teacher (forward): 2 per non-embedding parameter, causal attention 2 L1 T attn1, head 2 V D1, per token.
+    Student: 6 per non-embedding parameter (8 with activation checkpointing) and the attention
+    likewise (3 or 4 passes of 2 L2 T attn2), head 6 V D2, per token.
+    """
     plan = r.plan
     src, tgt, rh = plan.source, plan.target, plan.rf.r_h
-    tokens = r.global_batch // gpus * r.seq
+    tokens = r.micro_per_step * r.micro * r.seq
     l1 = math.ceil(src.layers / gpus) if r.sharded else src.layers
-    # block operator (n2/r, n1/r) on W (n1, m): 2 n2 n1 m / r; then B_emb on the columns; then gamma
     fwd = sum(l1 * (2 * n2 * n1 * m1 / rr + 2 * n2 * m1 * m2 / rh) + 2 * tgt.layers * l1 * n2 * m2
               for n1, m1, n2, m2, rr in _kinds(plan))
-    fwd += (1 if src.tied else 2) * 2 * src.vocab * src.hidden * tgt.hidden / rh
-    passes = 4 if r.ckpt else 3                       # forward + backward (2x) + recompute
-    return {
-        "fusion": 3 * fwd,
+    vocab = (1 if src.tied else 2) * 2 * src.vocab * src.hidden * tgt.hidden / rh
+    passes = 4 if r.ckpt else 3
+    return {  # the vocabulary products are recomputed in backward when r_h > 1 (fuse._vocab_product)
+        "fusion": (3 * fwd + (4 if rh > 1 else 3) * vocab) * (1 if r.fuse_once else r.micro_per_step),
         "teacher": tokens * (2 * _nonembedding(p_source, src) + 2 * src.layers * r.seq * src.attn
                              + 2 * src.vocab * src.hidden),
         "student": tokens * (passes * (2 * _nonembedding(p_target, tgt) + 2 * tgt.layers * r.seq * tgt.attn)
@@ -272,7 +300,7 @@ def _advice(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device: 
             limit_bytes: float) -> list[str]:
     """Changes tried in order (sharded fusion, activation checkpointing, halving the micro-batch), each
     with the total it reaches, until the run fits."""
-    cfg = {**cfg, "model": dict(cfg["model"])}
+    cfg = {**cfg, "model": dict(cfg["model"]), "algorithms": dict(cfg.get("algorithms") or {})}
     steps: list[tuple[str, Any]] = [("model.fusion_parallel", "sharded"), ("model.activation_checkpointing", True)]
     micro = cfg["device_train_microbatch_size"]
     while micro > 1:
@@ -285,8 +313,12 @@ def _advice(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device: 
         if target.get(name) == value:
             continue
         target[name] = value
+        change = f"{key}={str(value).lower()}"
+        if value == "sharded" and gpus > 1 and "lemon_fuse_once" not in cfg["algorithms"]:
+            cfg["algorithms"]["lemon_fuse_once"] = {}                # sharded fusion needs it
+            change += " with algorithms.lemon_fuse_once: {}"
         est = plan_run(cfg, gpus=gpus, source_cfg=source_cfg, device=device)
-        lines.append(f"{key}={str(value).lower()} -> {(est.total_bytes + est.margin_bytes) / GIB:.1f} GiB")
+        lines.append(f"{change} -> {(est.total_bytes + est.margin_bytes) / GIB:.1f} GiB")
         if est.fits(limit_bytes):
             return lines
     lines.append("still does not fit: use a smaller max_seq_len or target, or more memory per GPU")
@@ -296,7 +328,7 @@ def _advice(cfg: dict[str, Any], *, gpus: int, source_cfg: LlamaConfig, device: 
 def report(est: Estimate, limit_gib: float) -> str:
     """The tables the CLI prints."""
     rows = [f"memory of one rank at its peak, {est.peak}:", f"{'component':<40}{'GiB':>9}"]
-    rows += [f"{name:<40}{b / GIB:>9.2f}" for name, b in est.memory.items()]
+    rows += [f"{name:<40}{b / GIB:>9.2f}" for name, b in est.memory.items() if b]
     rows += [f"{'total':<40}{est.total_bytes / GIB:>9.2f}", f"{'margin 10%':<40}{est.margin_bytes / GIB:>9.2f}"]
     need = (est.total_bytes + est.margin_bytes) / GIB
     rows.append(f"fits in {limit_gib:g} GiB: {'yes' if est.fits(limit_gib * GIB) else 'no'} ({need:.1f} GiB needed)")
@@ -321,13 +353,13 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("model.source_path is missing; pass --source-config")
     source_cfg = source_config(src, key="--source-config" if args.source_config else "model.source_path")
     est = plan_run(cfg, gpus=args.gpus, source_cfg=source_cfg, limit_bytes=args.gpu_mem * GIB)
-    plan = run_shape(cfg, source_cfg, gpus=args.gpus, device="cuda")
-    micro_per_step = plan.global_batch // args.gpus // plan.micro
-    print(f"{args.yaml}: {plan.plan.source.layers}x{plan.plan.source.hidden} -> "
-          f"{plan.plan.target.layers}x{plan.plan.target.hidden}, per rank of {args.gpus}: "
-          f"{micro_per_step} micro-batches of {plan.micro}x{plan.seq} tokens a step, "
-          f"fusion_parallel={'sharded' if plan.sharded else 'replicated'}, "
-          f"activation_checkpointing={str(plan.ckpt).lower()}")
+    r = run_shape(cfg, source_cfg, gpus=args.gpus, device="cuda")
+    print(f"{args.yaml}: {r.plan.source.layers}x{r.plan.source.hidden} -> "
+          f"{r.plan.target.layers}x{r.plan.target.hidden}, per rank of {args.gpus}: "
+          f"{r.micro_per_step} micro-batches of {r.micro}x{r.seq} tokens a step, "
+          f"fusion_parallel={'sharded' if r.sharded else 'replicated'}, "
+          f"activation_checkpointing={str(r.ckpt).lower()}, lemon_fuse_once={str(r.fuse_once).lower()}, "
+          f"{'joint' if r.joint else 'staged'} operator training")
     print(report(est, args.gpu_mem))
 
 

@@ -52,3 +52,17 @@ def test_no_gradient_path_gives_the_same_values():
         a = distill_loss(h_s, w_s, h_t, w_t, labels, lam=0.5, temperature=1.0, chunk_tokens=3)
     b = distill_loss(h_s.requires_grad_(), w_s, h_t, w_t, labels, lam=0.5, temperature=1.0, chunk_tokens=3)
     torch.testing.assert_close(a[0], b[0].detach(), rtol=0, atol=0)
+
+
+def test_autocast_does_not_lower_the_loss_precision():
+    """Composer runs loss() under autocast; the fused loss keeps its own fp32 math."""
+    g = torch.Generator().manual_seed(1)
+    h_s, w_s = torch.randn(2, 8, 16, generator=g), torch.randn(50, 16, generator=g)
+    h_t, w_t = torch.randn(2, 8, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 8), generator=g)
+    plain = distill_loss(h_s, w_s, h_t, w_t, labels, lam=0.5, temperature=1.0, chunk_tokens=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = distill_loss(h_s, w_s, h_t, w_t, labels, lam=0.5, temperature=1.0, chunk_tokens=4)
+    for a, b in zip(plain[:3], autocast[:3]):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -16,12 +16,13 @@ TINY_SOURCE = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_hea
 RECIPES = [REPO / "yamls" / "fuse" / f"{name}.yaml" for name in ("7b_to_1.3b", "7b_to_2.7b")]
 
 
-def tiny_cfg(**model) -> dict:
+def tiny_cfg(algorithms: dict | None = None, **model) -> dict:
     return {"model": {"name": "lemon_fusion", "source_path": "/unused", "source_dtype": "float32",
                       "target": {"hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 1,
                                  "num_hidden_layers": 2},
                       "receptive_field": {"r_h": 2, "r_a": 2, "r_i": 2}, **model},
-            "max_seq_len": 16, "global_train_batch_size": 4, "device_train_microbatch_size": 2, "precision": "fp32"}
+            "algorithms": algorithms or {}, "max_seq_len": 16, "global_train_batch_size": 4,
+            "device_train_microbatch_size": 2, "precision": "fp32"}
 
 
 def test_tiny_hand_computed():
@@ -30,19 +31,43 @@ def test_tiny_hand_computed():
     assert est.memory["operators (fp32)"] == 240 * 4
     assert est.memory["AdamW moments + DDP buckets"] == 240 * 12
     # per source layer l1 * n2 * (m1 + m2): q, k, v, o 4 * 4 * (8 + 4); up, gate, down 4 * 8 * (8 + 4);
-    # embedding and head copies 2 * 32 * 8 (r_h = 2); fp32
-    assert est.memory["fusion intermediates"] == (4 * 192 + 3 * 384 + 512) * 4
+    # the embedding and head products are recomputed in backward, so nothing of theirs is saved; fp32
+    assert est.memory["fusion intermediates"] == (4 * 192 + 3 * 384) * 4
     assert est.memory["CUDA context"] == 0
+    # activations, fp32, SDPA, per token: per layer 2 norms x (4 + 2*4) * 4 + attention 4 * (3 * 4 + 2 * 4)
+    # + logsumexp 4 * 1 head + MLP 4 * 4 * 8 = 308; 2 layers + the final norm 12 * 4; 2 x 16 tokens
+    assert est.memory["target activations"] == 32 * (2 * 308 + 48)
+    # loss: 3 blocks (chunk = 2 x 15 label tokens, V = 32) fp32 + head gradient (32, 4) + hidden gradient (32, 4)
+    assert est.memory["loss"] == 3 * 30 * 32 * 4 + 32 * 4 * 4 + 32 * 4 * 4
+    assert est.peak == "the last micro-batch's loss"
     # teacher, 2 x 16 = 32 tokens per rank: 2 * (non-embedding params 4 * (4 * 64 + 3 * 128 + 16) + 8)
     # + causal attention 2 * L1 * T * attn1 + head 2 * V * D1, per token
     assert est.flops["teacher"] == 32 * (2 * 2632 + 2 * 4 * 16 * 8 + 2 * 32 * 8)
     # fusion: per source layer 4 * (2*4*8*8/2 + 2*4*8*4/2) + 3 * (2*8*16*8/2 + 2*8*8*4/2) = 5376;
     # gamma 2 * L2 * L1 * (4 * 16 + 3 * 32) = 2560; embedding and head 2 * (2*32*8*4/2) = 2048;
-    # forward + backward (2x)
-    assert est.flops["fusion"] == 3 * (4 * 5376 + 2560 + 2048)
-    sharded = plan_run(tiny_cfg(fusion_parallel="sharded"), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
-    assert sharded.flops["fusion"] == 3 * (2 * 5376 + 1280 + 2048)   # each rank: 2 of the 4 source layers
-    assert sharded.memory["fusion intermediates"] == (2 * 192 + 3 * 192 + 512) * 4
+    # forward + backward (2x); the embedding and head products also recompute in backward (4x)
+    assert est.flops["fusion"] == 3 * (4 * 5376 + 2560) + 4 * 2048
+    sharded = plan_run(tiny_cfg({"lemon_fuse_once": {}}, fusion_parallel="sharded"), gpus=2,
+                       source_cfg=TINY_SOURCE, device="cpu")
+    assert sharded.flops["fusion"] == 3 * (2 * 5376 + 1280) + 4 * 2048   # each rank: 2 of the 4 source layers
+    assert sharded.memory["fusion intermediates"] == (2 * 192 + 3 * 192) * 4
+
+
+def test_staged_schedule_keeps_x_only():
+    staged = tiny_cfg({"lemon_fusion_stages": {"schedule": "dims_then_layers"}})
+    est = plan_run(staged, gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    # X alone: q, k, v, o 4 * 4 * 8; up, gate, down 4 * 8 * 8 (the embedding and head products are recomputed)
+    assert est.memory["fusion intermediates"] == (4 * 128 + 3 * 256) * 4
+
+
+def test_fuse_once_or_every_micro_batch():
+    every = plan_run(tiny_cfg(), gpus=1, source_cfg=TINY_SOURCE, device="cpu")      # 2 micro-batches
+    once = plan_run(tiny_cfg({"lemon_fuse_once": {}}), gpus=1, source_cfg=TINY_SOURCE, device="cpu")
+    assert every.flops["fusion"] == 2 * once.flops["fusion"]
+    assert every.memory["operator grads (fp32)"] == 240 * 4 and every.memory["fused-weight grads (leaves)"] == 0
+    assert once.memory["fused-weight grads (leaves)"] > 0
+    with pytest.raises(ValueError, match="algorithms.lemon_fuse_once"):
+        plan_run(tiny_cfg(fusion_parallel="sharded"), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
 
 
 def test_checkpointing_shrinks_activations_and_adds_a_forward():
@@ -64,11 +89,9 @@ def test_paper_recipes(path, parallel):
 
 
 def test_sharding_cuts_fusion_cost():
-    cfg = load_config(RECIPES[0])
     src = source_config("llama-2-7b")
-    rep = plan_run(cfg, gpus=8, source_cfg=src)
-    cfg["model"]["fusion_parallel"] = "sharded"
-    sh = plan_run(cfg, gpus=8, source_cfg=src)
+    rep = plan_run(load_config(RECIPES[0], ["model.fusion_parallel=replicated"]), gpus=8, source_cfg=src)
+    sh = plan_run(load_config(RECIPES[0], ["model.fusion_parallel=sharded"]), gpus=8, source_cfg=src)
     assert sh.flops["fusion"] < rep.flops["fusion"] / 4
     assert sh.memory["fusion intermediates"] < rep.memory["fusion intermediates"] / 2
 
@@ -92,10 +115,14 @@ def test_unknown_source_config(tmp_path):
 
 
 def test_advice_when_it_does_not_fit(capsys):
-    main([str(RECIPES[1]), "--source-config", "llama-2-7b", "--gpu-mem", "40"])
+    main([str(RECIPES[1]), "--source-config", "llama-2-7b", "--gpu-mem", "40", "model.fusion_parallel=replicated",
+          "model.activation_checkpointing=false", "device_train_microbatch_size=2"])
     out = capsys.readouterr().out
     assert "fits in 40 GiB: no" in out
-    assert "try model.fusion_parallel=sharded" in out and "try model.activation_checkpointing=true" in out
+    advice = [line.split(" -> ")[0].strip() for line in out.splitlines() if line.startswith("  ")]
+    assert advice == ["try model.fusion_parallel=sharded", "try model.activation_checkpointing=true",
+                      "try device_train_microbatch_size=1",
+                      "still does not fit: use a smaller max_seq_len or target, or more memory per GPU"]
 
 
 def test_cli_prints_the_tables():
@@ -103,6 +130,6 @@ def test_cli_prints_the_tables():
                           "--source-config", "llama-2-7b", "model.fusion_parallel=sharded"],
                          cwd=REPO, capture_output=True, text=True, check=True)
     out = run.stdout
-    for line in ("fusion_parallel=sharded", "source", "fusion intermediates", "target activations", "total",
-                 "margin 10%", "fits in 80 GiB: yes", "TFLOP/step", "teacher", "student"):
+    for line in ("fusion_parallel=sharded", "source", "fusion intermediates", "total", "margin 10%",
+                 "fits in 80 GiB: yes", "TFLOP/step", "teacher", "student"):
         assert line in out, out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lemon_composer.fusion.operators import block_cols, block_rows, block_vec, layer_mix
 from lemon_composer.fusion.plan import FusionPlan
@@ -132,12 +133,24 @@ def fuse_shared(plan: FusionPlan, ops: dict[str, Tensor], source: dict[str, Tens
     """Algorithm 1's shared weights: embedding E B_emb^T, final norm B_emb w, lm_head H B_emb^T (untied only)."""
     r_h = plan.rf.r_h
     emb, norm = source["model.embed_tokens.weight"], source["model.norm.weight"]
-    out = {"embed": block_cols(ops["B_emb"].to(emb.dtype), emb, r_h),
+    out = {"embed": _vocab_product(ops["B_emb"].to(emb.dtype), emb, r_h),
            "norm": block_vec(ops["B_emb"].to(norm.dtype), norm, r_h)}
     if not plan.source.tied:
         head = source["lm_head.weight"]
-        out["head"] = block_cols(ops["B_emb"].to(head.dtype), head, r_h)
+        out["head"] = _vocab_product(ops["B_emb"].to(head.dtype), head, r_h)
     return out
+
+
+def _vocab_product(b: Tensor, w: Tensor, r: int) -> Tensor:
+    """E B_emb^T for a frozen (V, D1) embedding or head, recomputed in backward when r > 1.
+
+    With r > 1 the blocked matmul works on a permuted copy of the whole (V, D1) source matrix,
+    which autograd would keep until the step's backward; checkpointing keeps only ``b`` and a
+    reference to ``w`` and redoes the product (once per optimizer step) in backward.
+    """
+    if r == 1 or not b.requires_grad:
+        return block_cols(b, w, r)
+    return checkpoint(block_cols, b, w, r, use_reentrant=False)
 
 
 def to_state_dict(plan: FusionPlan, layers: dict[str, Tensor], shared: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -80,6 +80,8 @@ class _FusedDistillLoss(torch.autograd.Function):
     """Loss value in forward with dL/dh_s and dL/dW_s computed alongside; backward scales them."""
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)  # Composer runs loss() under autocast: keep this math in fp32
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor,  # type: ignore[override]
                 lam: float, temperature: float, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         acc = torch.promote_types(h_s.dtype, torch.float32)      # fp32 at least (fp64 stays fp64)
@@ -92,9 +94,10 @@ class _FusedDistillLoss(torch.autograd.Function):
         stats = torch.empty(3, labels.numel(), dtype=acc, device=h_s.device)  # ce, kl, source ce
         for start in range(0, labels.numel(), chunk):
             sl = slice(start, start + chunk)
-            zs = (h_s[sl] @ w_s.t()).to(acc)                        # (C, V)
-            zt = (h_t[sl] @ w_t.t()).to(acc)                        # (C, V)
-            ce, kl, source_ce, dz = _chunk(zs, zt, labels[sl], lam, temperature, n, need_grad)
+            # the logit blocks are handed over, not kept here, so _chunk can free them as it goes
+            ce, kl, source_ce, dz = _chunk((h_s[sl].to(w_s.dtype) @ w_s.t()).to(acc),   # (C, V) student
+                                           (h_t[sl].to(w_t.dtype) @ w_t.t()).to(acc),   # (C, V) teacher
+                                           labels[sl], lam, temperature, n, need_grad)
             stats[0, sl], stats[1, sl], stats[2, sl] = ce, kl, source_ce
             if dz is not None:
                 grad_h[sl] = dz @ w_s_acc

@@ -8,12 +8,13 @@ import pytest
 from transformers import LlamaConfig
 
 from conftest import REPO
-from lemon_composer.planner import GIB, load_config, main, plan_run, source_config
+from lemon_composer.planner import GIB, cpt_model_config, load_config, main, plan_cpt, plan_run, source_config
 
 # source 4 layers x hidden 8 (2 heads of 4), FFN 16, vocab 32, untied -> target 2 x 4 (1 head), FFN 8
 TINY_SOURCE = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
                           num_hidden_layers=4, vocab_size=32, tie_word_embeddings=False)
 RECIPES = [REPO / "yamls" / "fuse" / f"{name}.yaml" for name in ("7b_to_1.3b", "7b_to_2.7b")]
+CPT_RECIPES = [REPO / "yamls" / "cpt" / f"{name}.yaml" for name in ("1.3b", "2.7b")]
 
 
 def tiny_cfg(algorithms: dict | None = None, **model) -> dict:
@@ -133,3 +134,65 @@ def test_cli_prints_the_tables():
     for line in ("fusion_parallel=sharded", "source", "fusion intermediates", "total", "margin 10%",
                  "fits in 80 GiB: yes", "TFLOP/step", "teacher", "student"):
         assert line in out, out
+
+
+def tiny_cpt_cfg(**fsdp) -> dict:
+    return {"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "/unused",
+                      "attn_implementation": "flash_attention_2"},
+            "fsdp_config": {"sharding_strategy": "FULL_SHARD", "mixed_precision": "PURE",
+                            "activation_checkpointing": True, **fsdp},
+            "precision": "amp_bf16", "max_seq_len": 16, "global_train_batch_size": 8, "device_train_microbatch_size": 2}
+
+
+def test_cpt_tiny_hand_computed():
+    # TINY_SOURCE as the model: embedding + head 2 * 32 * 8 = 512, per layer q, k, v, o 4 * 64 + MLP 3 * 128
+    # + 2 norms 16 = 656, 4 layers, final norm 8 -> P = 3144; 2 ranks, micro-batch 2 x 16 = 32 tokens
+    est = plan_cpt(tiny_cpt_cfg(), gpus=2, model_cfg=TINY_SOURCE)
+    assert est.memory["fp32 parameters (1/2 shard)"] == 3144 * 4 / 2
+    assert est.memory["AdamW moments (1/2 shard)"] == 3144 * 8 / 2
+    assert est.memory["gathered parameters (bf16)"] == (2 * 656 + 512) * 2          # two layers + embedding, head
+    # layer inputs 4 * 8 * 2 + one layer (flash, bf16): norms 2 * (4 + 4) * 8 + attention 2 * (3 * 8 + 2 * 8)
+    # + logsumexp 4 * 2 heads + MLP 4 * 2 * 16 = 344 + final norm (4 + 4) * 8, per token
+    assert est.memory["activations (checkpointed)"] == 32 * (64 + 344 + 64)
+    assert est.memory["logits and loss"] == 32 * 32 * (2 + 4 + 4 + 4)              # V = 32, bf16 logits
+    # 8 / 2 ranks x 16 = 64 tokens a step: 4 passes (checkpointing) x 2 x 2632 non-embedding params,
+    # causal attention 4 x 2 x 4 layers x 16 x 8, head 6 x 32 x 8, per token
+    assert est.flops == {"linear layers": 64 * 4 * 2 * 2632, "attention": 64 * 4 * 2 * 4 * 16 * 8,
+                         "lm head": 64 * 6 * 32 * 8}
+    no_shard = plan_cpt(tiny_cpt_cfg(sharding_strategy="NO_SHARD"), gpus=2, model_cfg=TINY_SOURCE)
+    assert no_shard.memory["fp32 gradients"] == 3144 * 4 and no_shard.memory["gathered parameters (bf16)"] == 3144 * 2
+
+
+@pytest.mark.parametrize("path", CPT_RECIPES, ids=lambda p: p.stem)
+def test_cpt_recipes_fit_with_builtin_configs(path):
+    cfg = load_config(path)
+    model_cfg, origin = cpt_model_config(cfg)
+    assert origin.startswith(f"builtin lemon-{path.stem} ")
+    est = plan_cpt(cfg, gpus=8, model_cfg=model_cfg, limit_bytes=80 * GIB)
+    params = {"1.3b": 1.345e9, "2.7b": 2.702e9}[path.stem]
+    assert est.memory["fp32 parameters (1/8 shard)"] == pytest.approx(params * 4 / 8, rel=1e-3)
+    assert est.fits(80 * GIB) and not est.advice
+
+
+def test_cpt_model_config_folder_wins(tmp_path):
+    TINY_SOURCE.save_pretrained(tmp_path)
+    cfg = {"run_name": "lemon-cpt-1.3b", "model": {"pretrained_model_name_or_path": str(tmp_path)}}
+    assert cpt_model_config(cfg)[0].hidden_size == 8
+    assert cpt_model_config(cfg, "lemon-2.7b")[0].hidden_size == 2560
+    with pytest.raises(ValueError, match="model.pretrained_model_name_or_path"):
+        cpt_model_config({"run_name": "other", "model": {"pretrained_model_name_or_path": str(tmp_path / "x")}})
+
+
+@pytest.mark.parametrize("strategy,error", [("HYBRID_SHARD", NotImplementedError), ("ZERO3", ValueError)])
+def test_cpt_bad_sharding_names_the_key(strategy, error):
+    with pytest.raises(error, match="fsdp_config.sharding_strategy"):
+        plan_cpt(tiny_cpt_cfg(sharding_strategy=strategy), gpus=2, model_cfg=TINY_SOURCE)
+
+
+def test_cpt_cli_header_and_advice(capsys):
+    main([str(CPT_RECIPES[0]), "--gpu-mem", "16", "fsdp_config.activation_checkpointing=false"])
+    out = capsys.readouterr().out
+    assert "config: builtin lemon-1.3b for run_name lemon-cpt-1.3b" in out and "fits in 16 GiB: no" in out
+    assert "  try fsdp_config.activation_checkpointing=true -> " in out
+    with pytest.raises(ValueError, match="model.name"):
+        main([str(CPT_RECIPES[0]), "model.name=mpt_causal_lm"])

@@ -94,9 +94,10 @@ def fusion_step(model, opt, microbatches: list[dict]) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def fusion_alone(model) -> None:
+def fusion_alone(model, grads: list[torch.Tensor]) -> None:
+    """Fuse and back-propagate ``grads`` (made once: in a step they come from the target's backward)."""
     weights = [w for w in {id(w): w for w in model.fused_state_dict().values()}.values() if w.requires_grad]
-    torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
+    torch.autograd.backward(weights, grads)
     model.zero_grad(set_to_none=True)
 
 
@@ -132,7 +133,9 @@ def worker(job: dict) -> dict:
         ids = micro[0]["input_ids"]
         with torch.no_grad():
             out["teacher"] = timed(lambda: model.source(input_ids=ids), job["repeat"])  # logits included
-        out["fusion_alone"] = timed(lambda: fusion_alone(model), job["repeat"])
+        grads = [torch.ones_like(w) for w in {id(w): w for w in model.fused_state_dict().values()}.values()
+                 if w.requires_grad]
+        out["fusion_alone"] = timed(lambda: fusion_alone(model, grads), job["repeat"])
     return out
 
 

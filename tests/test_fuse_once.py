@@ -137,13 +137,13 @@ def test_layer_stage_reuses_the_dimension_products_and_keeps_gamma_exact(source_
     joint = operator_grads(model, micro, amortised=True)
     model.trainable = ("layers",)
     first = operator_grads(model, micro, amortised=True)
-    cached = model._dims_cache[1]
+    cached = model._dims_cache[1][0]
     second = operator_grads(model, micro, amortised=True)
-    assert model._dims_cache[1] is cached  # reused, not recomputed
+    assert model._dims_cache[1][0] is cached  # reused, not recomputed
     with torch.no_grad():
         model.operators.B_emb.mul_(1.5)     # any change to a dimension operator invalidates it
     operator_grads(model, micro, amortised=True)
-    assert model._dims_cache[1] is not cached
+    assert model._dims_cache[1][0] is not cached
     assert first.keys() == second.keys() == {n for n in joint if n.startswith("operators.gamma")}
     for name in first:
         torch.testing.assert_close(first[name], joint[name], rtol=1e-12, atol=1e-14, msg=name)

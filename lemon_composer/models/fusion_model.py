@@ -111,7 +111,7 @@ class LemonFusionModel(ComposerModel):
         self.trainable: tuple[str, ...] = OPERATOR_GROUPS
         self._step: StepWeights | None = None           # set by begin_step (lemon_fuse_once)
         self._eval_weights: dict[str, Tensor] | None = None  # set by begin_eval
-        self._dims_cache: tuple[tuple, dict[str, Tensor]] | None = None  # see _dimension_fused
+        self._dims_cache: tuple[tuple, tuple[dict, dict]] | None = None  # see _dimension_products
         if self.cfg.init_device != "meta":
             self.operators.load_values(operator_values(self.plan, self._initial_selection()))
         self.train_metrics = {"LanguageCrossEntropy": TokenCrossEntropy(),
@@ -174,27 +174,33 @@ class LemonFusionModel(ComposerModel):
         rank, world_size = world()
         sharded = self.cfg.fusion_parallel == "sharded" and world_size > 1
         sources = source_share(self.plan.source.layers, rank, world_size) if sharded else slice(None)
-        layers = mix_layers(self.plan, ops, self._dimension_fused(ops, sources), sources)
+        per_source, shared = self._dimension_products(ops, sources)
+        layers = mix_layers(self.plan, ops, per_source, sources)
         if sharded:
             layers = all_reduce_layers(layers)
-        return {**layers, **fuse_shared(self.plan, ops, self._source_weights())}
+        return {**layers, **shared}
 
-    def _dimension_fused(self, ops: dict[str, Tensor], sources: slice) -> dict[str, Tensor]:
-        """``dimension_fuse``, cached while no dimension operator takes gradients (frozen, or the layer stage).
+    def _dimension_products(self, ops: dict[str, Tensor],
+                            sources: slice) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``dimension_fuse`` and ``fuse_shared``, cached while no dimension operator takes gradients.
 
         Then each step's fusion is gamma's mix alone: the second half of ``dims_then_layers`` and
-        depth-only runs skip the dimension products. The cache is keyed on the operators' version
-        counters, so any change to their values (a load, an optimizer step) recomputes it.
+        depth-only runs (dimension operators frozen) skip the dimension products. The cache is keyed
+        on the operators' version counters, so any change to their values (a load, an optimizer
+        step) recomputes it.
         """
-        dims = [ops[name] for name in ops if not name.startswith("gamma.")]
-        if any(t.requires_grad for t in dims):
+        def compute() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            return (dimension_fuse(self.plan, ops, self._stacked, sources),
+                    fuse_shared(self.plan, ops, self._source_weights()))
+
+        if any(t.requires_grad for name, t in ops.items() if not name.startswith("gamma.")):
             self._dims_cache = None
-            return dimension_fuse(self.plan, ops, self._stacked, sources)
+            return compute()
         key = (sources.start, sources.stop, self._stacked["q"].device,
                tuple(p._version for n, p in self.operators.named_parameters() if not n.startswith("gamma.")))
         if self._dims_cache is None or self._dims_cache[0] != key:
             with torch.no_grad():
-                self._dims_cache = (key, dimension_fuse(self.plan, ops, self._stacked, sources))
+                self._dims_cache = (key, compute())
         return self._dims_cache[1]
 
     def _source_weights(self) -> dict[str, Tensor]:

@@ -78,6 +78,11 @@ def test_evaluation_fuses_once(source_dir, monkeypatch):
     assert len(calls) == 4
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.begin_eval()
+    with torch.no_grad():
+        model.operators.gamma["q"].mul_(0.5)  # e.g. a checkpoint loaded between evaluations
+        model.eval_forward(batch(0))
+    assert len(calls) == 6 and not model.eval_fused  # stale weights are never used
 
 
 def run_trainer(source_dir, *, fuse_once: bool, microbatch: int, schedule: str = "joint"):

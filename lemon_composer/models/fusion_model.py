@@ -111,6 +111,7 @@ class LemonFusionModel(ComposerModel):
         self.trainable: tuple[str, ...] = OPERATOR_GROUPS
         self._step: StepWeights | None = None           # set by begin_step (lemon_fuse_once)
         self._eval_weights: dict[str, Tensor] | None = None  # set by begin_eval
+        self._eval_versions: tuple[int, ...] = ()
         self._dims_cache: tuple[tuple, tuple[dict, dict]] | None = None  # see _dimension_products
         if self.cfg.init_device != "meta":
             self.operators.load_values(operator_values(self.plan, self._initial_selection()))
@@ -229,10 +230,15 @@ class LemonFusionModel(ComposerModel):
         """Fuse once (no grad) for a whole evaluation."""
         with torch.no_grad():
             self._eval_weights = self._fuse()
+        self._eval_versions = self._operator_versions()
+
+    def _operator_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.operators.parameters())
 
     @property
     def eval_fused(self) -> bool:
-        return self._eval_weights is not None
+        """Weights fused for evaluation from the operators' current values (a load or a step invalidates)."""
+        return self._eval_weights is not None and self._eval_versions == self._operator_versions()
 
     def end_eval(self) -> None:
         self._eval_weights = None
@@ -242,7 +248,7 @@ class LemonFusionModel(ComposerModel):
         """This forward's fused stacks: the step's, the evaluation's, or freshly fused."""
         if torch.is_grad_enabled() and self.training and self._step is not None:
             return self._step.next()
-        if not torch.is_grad_enabled() and self._eval_weights is not None:
+        if not torch.is_grad_enabled() and self.eval_fused:
             return self._eval_weights
         if self.cfg.fusion_parallel == "sharded" and world()[1] > 1:
             raise RuntimeError("model.fusion_parallel=sharded fuses with a collective: add the lemon_fuse_once "

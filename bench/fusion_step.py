@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,14 +54,16 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
+def timed(fn: Callable[[], None], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Best of ``repeat`` runs after a warm-up (the least disturbed by other work on the machine)."""
+    fn()
+    sync()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def batch(tokens: str, seed: int) -> dict[str, torch.Tensor]:
@@ -162,7 +164,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**SOURCE)).save_pretrained(tmp)
-        print(f"torch threads {torch.get_num_threads()}; micro-batch {args.tokens}; median of {args.repeat}")
+        print(f"torch threads {torch.get_num_threads()}; micro-batch {args.tokens}; best of {args.repeat}")
         print(f"{'setting':8} {'plain s':>8} {'teacher s':>9} {'fusion s':>9} {'step s':>7} {'step/parts':>10} "
               f"{'fusion/plain':>12} {'peak GiB':>9} {'plain GiB':>9} {'peak/plain':>10}")
         for setting in args.settings.split(","):

@@ -1,4 +1,4 @@
-"""Replicated vs sharded fusion on data-parallel ranks: per-rank time of fusion forward + backward.
+"""Replicated vs sharded fusion on data-parallel ranks: per-rank time of fusion forward + backward (best of --repeat).
 
     .venv/bin/composer -n 2 bench/sharded_fusion.py [--setting both|width|depth] [--repeat 3]
 
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 from composer.devices import DeviceCPU
 from composer.utils import dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fusion_step import SOURCE, fusion_model
+from fusion_step import SOURCE, fusion_model, timed
 
 
 def fuse_forward_backward(model) -> None:
@@ -29,17 +27,6 @@ def fuse_forward_backward(model) -> None:
     tensors = list({id(t): t for t in stacks.values() if t.requires_grad}.values())
     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
     model.zero_grad(set_to_none=True)
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    dist.barrier()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -59,7 +46,7 @@ def main() -> None:
     times = {}
     for mode in ("replicated", "sharded"):
         model.cfg.fusion_parallel = mode
-        times[mode] = timed(lambda: fuse_forward_backward(model), args.repeat)
+        times[mode] = timed(lambda: fuse_forward_backward(model), args.repeat, sync=dist.barrier)
     per_rank = dist.all_gather_object(times)
     if dist.get_global_rank() == 0:
         print(f"{dist.get_world_size()} ranks, {args.setting}, torch threads {torch.get_num_threads()} per rank")

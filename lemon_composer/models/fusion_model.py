@@ -217,7 +217,7 @@ class LemonFusionModel(ComposerModel):
         """Fuse once for the optimizer step whose ``num_microbatches`` training forwards follow."""
         self._step = None
         self.end_eval()  # operators change in this step: an older evaluation's weights are stale
-        self._step = StepWeights(self._fuse(), num_microbatches)
+        self._step = StepWeights(self.fused_state_dict(), num_microbatches)
 
     def end_step(self) -> None:
         """Release the step's fused weights; every announced micro-batch must have run."""
@@ -229,7 +229,7 @@ class LemonFusionModel(ComposerModel):
     def begin_eval(self) -> None:
         """Fuse once (no grad) for a whole evaluation."""
         with torch.no_grad():
-            self._eval_weights = self._fuse()
+            self._eval_weights = self.fused_state_dict()
         self._eval_versions = self._operator_versions()
 
     def _operator_versions(self) -> tuple[int, ...]:
@@ -245,7 +245,7 @@ class LemonFusionModel(ComposerModel):
         self.skeleton.clear()
 
     def _weights(self) -> dict[str, Tensor]:
-        """This forward's fused stacks: the step's, the evaluation's, or freshly fused."""
+        """This forward's fused weights (HF names): the step's, the evaluation's, or freshly fused."""
         if torch.is_grad_enabled() and self.training and self._step is not None:
             return self._step.next()
         if not torch.is_grad_enabled() and self.eval_fused:
@@ -254,12 +254,11 @@ class LemonFusionModel(ComposerModel):
             raise RuntimeError("model.fusion_parallel=sharded fuses with a collective: add the lemon_fuse_once "
                                "algorithm (algorithms: {lemon_fuse_once: {}}) so every rank fuses at the same "
                                "points, once per optimizer step and once per evaluation")
-        return self._fuse()
+        return self.fused_state_dict()
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        stacks = self._weights()
-        weights = to_state_dict(self.plan, {k: stacks[k] for k in LAYER_WEIGHTS}, stacks)
+        weights = self._weights()
         self.skeleton.train(self.training)
         self.skeleton.load(weights)
         hidden = self.skeleton.hidden(ids, mask)

@@ -148,6 +148,9 @@ def test_checkpoint_state_holds_operators_and_a_source_reference(source_dir, tmp
     ({"init": "prune"}, r"model.init=prune needs model.calibration.data_dir"),
     ({"bogus": 1}, r"model: unknown keys \['bogus'\]"),
     ({"attn_implementation": "flash_attention_2"}, r"flash_attention_2 needs a CUDA GPU and flash-attn"),
+    ({"fusion_parallel": "tensor"}, r"model.fusion_parallel=tensor: expected one of \('replicated', 'sharded'\)"),
+    ({"loss_chunk_tokens": 0}, r"model.loss_chunk_tokens=0: expected a positive integer"),
+    ({"activation_checkpointing": "yes"}, r"model.activation_checkpointing='yes': expected true or false"),
 ])
 def test_bad_config_fails_before_weights_load(tmp_path, override, match):
     # a folder with only config.json: any attempt to read weights would fail differently

@@ -128,3 +128,20 @@ def test_prune_needs_calibration_batches():
     plan = FusionPlan.build(cfg, TargetShape(32, 48, 2, 2), ReceptiveFields())
     with pytest.raises(ValueError, match="init=prune needs calibration batches"):
         prune_selection(plan, tiny_source(cfg), [])
+
+
+def test_cka_clustering_ignores_permutations_of_head_and_neuron_coordinates():
+    """Only hidden coordinates align across layers: permuting a layer's heads / neurons changes nothing."""
+    cfg = tiny_config(kv_heads=2, layers=6)
+    sd = dict(tiny_source(cfg).state_dict())
+    stacked = stack_layers(sd, 6)
+    g = torch.Generator().manual_seed(0)
+    permuted = dict(stacked)
+    for kind in ("q", "k", "v", "up", "gate"):   # rows are head / neuron coordinates
+        permuted[kind] = torch.stack([w[torch.randperm(w.shape[0], generator=g)] for w in stacked[kind]])
+    for kind in ("o", "down"):                   # columns are head / neuron coordinates
+        permuted[kind] = torch.stack([w[:, torch.randperm(w.shape[1], generator=g)] for w in stacked[kind]])
+    torch.testing.assert_close(adjacent_layer_similarity(permuted), adjacent_layer_similarity(stacked))
+    for k in range(1, 7):
+        assert contiguous_clusters(adjacent_layer_similarity(permuted), k) == \
+            contiguous_clusters(adjacent_layer_similarity(stacked), k)

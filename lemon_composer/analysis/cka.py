@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lemon_composer.atomic import atomic_write_text
 from lemon_composer.fusion.fuse import LAYER_WEIGHTS
-from lemon_composer.fusion.init_cka import CKA_KINDS, linear_cka
+from lemon_composer.fusion.init_cka import CKA_KINDS, hidden_rows, linear_cka
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def parameter_cka(model_or_state: nn.Module | dict[str, Tensor], kinds: Sequence
     Args:
         model_or_state: a ``LlamaForCausalLM`` or its state dict (a ``module.`` prefix is stripped).
         kinds: parameter kinds of ``LAYER_WEIGHTS`` (q, k, v, o, up, gate, down; ln1 / ln2 are vectors,
-            compared as one-feature matrices).
+            compared as one-feature matrices); rows are the hidden coordinates (``hidden_rows``).
         device: where to compute (e.g. ``cuda`` for a 7B model); default: where the weights are.
 
     Returns:
@@ -106,8 +106,7 @@ def parameter_cka(model_or_state: nn.Module | dict[str, Tensor], kinds: Sequence
     for kind in kinds:
         reps = []
         for j in range(n_layers):
-            w = state[f"model.layers.{j}.{LAYER_WEIGHTS[kind]}"].detach()
-            w = w if w.dim() == 2 else w.reshape(-1, 1)
+            w = hidden_rows(kind, state[f"model.layers.{j}.{LAYER_WEIGHTS[kind]}"].detach())
             reps.append(w if device is None else w.to(device))
         out[kind] = pairwise_cka(reps)
         log.debug("parameter CKA of %s over %d layers done", kind, n_layers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lemon_composer.fusion.fuse import TRANSPOSED
 from lemon_composer.fusion.init import Selection, cluster_gamma, leading_selection
 from lemon_composer.fusion.plan import FusionPlan
 
@@ -38,15 +39,26 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     return cross / denom if denom > 0 else torch.zeros((), dtype=torch.float64, device=x.device)
 
 
-def adjacent_layer_similarity(stacked: dict[str, Tensor], kinds: tuple[str, ...] = CKA_KINDS) -> Tensor:
-    """(L1 - 1,): mean over ``kinds`` of linear_cka(W_j, W_{j+1}) (App. A.6, Fig. 2).
+def hidden_rows(kind: str, w: Tensor) -> Tensor:
+    """A layer weight (HF layout) with the residual stream's coordinates as rows: CKA's samples.
 
-    ``stacked`` is ``stack_layers(...)``: kind -> (L1, rows, cols) in HF layout. For every kind the
-    rows of the weight are the samples and its columns the features: the output coordinates of
-    q/k/v/up/gate (head or neuron dims) and of o/down (the hidden dims), which are aligned across layers.
+    Only the hidden (residual) coordinates correspond across layers; head and neuron coordinates
+    do not (any permutation of them gives the same function), so they must be features, not samples:
+    q/k/v/up/gate (n, D) are transposed, o/down (D, n) kept, norm vectors become (D, 1).
+    """
+    if w.dim() == 1:
+        return w.reshape(-1, 1)
+    return w if kind in TRANSPOSED else w.t()
+
+
+def adjacent_layer_similarity(stacked: dict[str, Tensor], kinds: tuple[str, ...] = CKA_KINDS) -> Tensor:
+    """(L1 - 1,): mean over ``kinds`` of linear_cka(W_j, W_{j+1}) over ``hidden_rows`` (App. A.6, Fig. 2).
+
+    ``stacked`` is ``stack_layers(...)``: kind -> (L1, rows, cols) in HF layout.
     """
     n_layers = stacked[kinds[0]].shape[0]
-    sims = [torch.stack([linear_cka(stacked[kind][j], stacked[kind][j + 1]) for kind in kinds]).mean()
+    sims = [torch.stack([linear_cka(hidden_rows(kind, stacked[kind][j]), hidden_rows(kind, stacked[kind][j + 1]))
+                         for kind in kinds]).mean()
             for j in range(n_layers - 1)]
     return torch.stack(sims) if sims else torch.zeros(0, dtype=torch.float64)
 

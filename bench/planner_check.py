@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-              num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
-              rms_norm_eps=1e-5)
+from fusion_step import SOURCE  # the benches share one source shape (SmolLM2-135M)
 SEQ = 128
 FULL = dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=20)
 DEPTH = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

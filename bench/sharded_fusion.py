@@ -23,8 +23,8 @@ from fusion_step import SOURCE, fusion_model, timed
 
 
 def fuse_forward_backward(model) -> None:
-    stacks = model._fuse()
-    tensors = list({id(t): t for t in stacks.values() if t.requires_grad}.values())
+    layers, shared = model._fuse()
+    tensors = list({id(t): t for t in (*layers.values(), *shared.values()) if t.requires_grad}.values())
     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
     model.zero_grad(set_to_none=True)
 

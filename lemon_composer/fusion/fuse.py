@@ -93,11 +93,10 @@ def dimension_fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, 
     Per source layer j: q, k, v, up, gate: A_j W_j B_emb^T; o, down: (B_emb W_j A_j^T)^T = A_j W_j^T B_emb^T;
     ln1, ln2: B_emb w_j. Returns kind -> (Lj, n2, D2) (o, down: the target weight transposed), norms (Lj, D2).
     """
-    B = ops["B_emb"]
+    b = ops["B_emb"].to(stacked["q"].dtype)                      # one cast for every kind
     out: dict[str, Tensor] = {}
     for kind in LAYER_WEIGHTS:
         w = stacked[kind][sources]                                # (Lj, rows, cols) HF layout
-        b = B.to(w.dtype)
         if kind in NORMS:
             out[kind] = block_vec(b, w, plan.rf.r_h)             # (Lj, D2)
             continue
@@ -121,12 +120,6 @@ def mix_layers(plan: FusionPlan, ops: dict[str, Tensor], per_source: dict[str, T
         gamma = ops["gamma.shared"] if plan.shared_gamma else ops[f"gamma.{kind}"]
         out[kind] = layer_mix(gamma[:, sources], stack)          # (L2, ...)
     return out
-
-
-def fuse_layers(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
-                sources: slice = slice(None)) -> dict[str, Tensor]:
-    """Eq. 2 for the decoder layers, summed over the source layers ``sources`` only."""
-    return mix_layers(plan, ops, dimension_fuse(plan, ops, stacked, sources), sources)
 
 
 def fuse_shared(plan: FusionPlan, ops: dict[str, Tensor], source: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -175,4 +168,4 @@ def fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
         stacked: ``stack_layers(source)`` (computed once; the source is frozen).
         source: the source state dict (embedding, final norm, lm_head are read from it).
     """
-    return to_state_dict(plan, fuse_layers(plan, ops, stacked), fuse_shared(plan, ops, source))
+    return to_state_dict(plan, mix_layers(plan, ops, dimension_fuse(plan, ops, stacked)), fuse_shared(plan, ops, source))

@@ -31,10 +31,3 @@ def all_reduce_layers(partial: dict[str, Tensor]) -> dict[str, Tensor]:
     total = dist_fn.all_reduce(flat, group=dist.group.WORLD)
     pieces = total.split([t.numel() for t in partial.values()])
     return {kind: piece.view_as(t) for (kind, t), piece in zip(partial.items(), pieces)}
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group Composer initialised; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

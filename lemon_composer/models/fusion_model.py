@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
+from composer.utils import dist
 from torch import Tensor
 from torchmetrics import Metric
 from transformers import LlamaForCausalLM
@@ -35,7 +36,7 @@ from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperato
 from lemon_composer.fusion.init import (Selection, cut_selection, identity_selection, operator_values,
                                         random_selection)
 from lemon_composer.fusion.plan import FusionPlan
-from lemon_composer.fusion.shard import all_reduce_layers, source_share, world
+from lemon_composer.fusion.shard import all_reduce_layers, source_share
 from lemon_composer.models.distill_loss import TokenStats, distill_loss
 from lemon_composer.models.fuse_config import FuseConfig
 from lemon_composer.models.step_weights import StepWeights
@@ -165,21 +166,22 @@ class LemonFusionModel(ComposerModel):
         return prune_selection(plan, self._source, batches)
 
     # ---- the fused target ----
-    def _fuse(self) -> dict[str, Tensor]:
-        """The fused stacks (``fuse_layers`` kinds plus embed / norm / head), differentiable w.r.t. the operators.
+    def _sharded(self) -> bool:
+        return self.cfg.fusion_parallel == "sharded" and dist.get_world_size() > 1
+
+    def _fuse(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The fused layer stacks and shared weights (``to_state_dict``'s inputs), differentiable w.r.t. the operators.
 
         Sharded: this rank fuses its share of the source layers and one all-reduce sums the shares.
         """
         self._place_source(self.operators.B_emb.device)
         ops = self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
-        rank, world_size = world()
-        sharded = self.cfg.fusion_parallel == "sharded" and world_size > 1
-        sources = source_share(self.plan.source.layers, rank, world_size) if sharded else slice(None)
+        sharded = self._sharded()
+        sources = (source_share(self.plan.source.layers, dist.get_global_rank(), dist.get_world_size())
+                   if sharded else slice(None))
         per_source, shared = self._dimension_products(ops, sources)
         layers = mix_layers(self.plan, ops, per_source, sources)
-        if sharded:
-            layers = all_reduce_layers(layers)
-        return {**layers, **shared}
+        return (all_reduce_layers(layers) if sharded else layers), shared
 
     def _dimension_products(self, ops: dict[str, Tensor],
                             sources: slice) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -197,8 +199,7 @@ class LemonFusionModel(ComposerModel):
         if any(t.requires_grad for name, t in ops.items() if not name.startswith("gamma.")):
             self._dims_cache = None
             return compute()
-        key = (sources.start, sources.stop, self._stacked["q"].device,
-               tuple(p._version for n, p in self.operators.named_parameters() if not n.startswith("gamma.")))
+        key = (sources.start, sources.stop, self._stacked["q"].device, self._operator_versions(dims_only=True))
         if self._dims_cache is None or self._dims_cache[0] != key:
             with torch.no_grad():
                 self._dims_cache = (key, compute())
@@ -210,12 +211,11 @@ class LemonFusionModel(ComposerModel):
 
     def fused_state_dict(self) -> dict[str, Tensor]:
         """The target's weights in ``LlamaForCausalLM`` naming (differentiable w.r.t. the operators)."""
-        stacks = self._fuse()
-        return to_state_dict(self.plan, {k: stacks[k] for k in LAYER_WEIGHTS}, stacks)
+        return to_state_dict(self.plan, *self._fuse())
 
     def begin_step(self, num_microbatches: int) -> None:
         """Fuse once for the optimizer step whose ``num_microbatches`` training forwards follow."""
-        self._step = None
+        self._step = None  # free the previous step's graph before fusing the next
         self.end_eval()  # operators change in this step: an older evaluation's weights are stale
         self._step = StepWeights(self.fused_state_dict(), num_microbatches)
 
@@ -232,8 +232,10 @@ class LemonFusionModel(ComposerModel):
             self._eval_weights = self.fused_state_dict()
         self._eval_versions = self._operator_versions()
 
-    def _operator_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.operators.parameters())
+    def _operator_versions(self, *, dims_only: bool = False) -> tuple[int, ...]:
+        """The operators' version counters: they change with every in-place update (step, load)."""
+        return tuple(p._version for n, p in self.operators.named_parameters()
+                     if not (dims_only and n.startswith("gamma.")))
 
     @property
     def eval_fused(self) -> bool:
@@ -250,7 +252,7 @@ class LemonFusionModel(ComposerModel):
             return self._step.next()
         if not torch.is_grad_enabled() and self.eval_fused:
             return self._eval_weights
-        if self.cfg.fusion_parallel == "sharded" and world()[1] > 1:
+        if self._sharded():
             raise RuntimeError("model.fusion_parallel=sharded fuses with a collective: add the lemon_fuse_once "
                                "algorithm (algorithms: {lemon_fuse_once: {}}) so every rank fuses at the same "
                                "points, once per optimizer step and once per evaluation")

@@ -22,6 +22,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,13 +226,23 @@ def prepare(cfg: DataPrepConfig) -> dict:
     return manifest
 
 
-def _pool(cfg_workers: int, *initargs) -> mp.pool.Pool:
+@contextmanager
+def _pool(workers: int, *initargs) -> Iterator[ProcessPoolExecutor]:
     """Worker processes from a forkserver: forked from a clean single-threaded process, so no lock
-    held by a thread of the caller (logging, tokenizers, torch) can be inherited and deadlock them."""
+    held by a thread of the caller (logging, tokenizers, torch) can be inherited and deadlock them.
+
+    concurrent.futures rather than ``multiprocessing.Pool``: a dead worker raises BrokenProcessPool
+    instead of hanging, and on an error we cancel what is queued and wait for the (short) running
+    chunks instead of ``Pool.terminate()``, which can deadlock while tasks are in flight.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    return ctx.Pool(cfg_workers, initializer=_init_worker, initargs=initargs)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _validate(domains: list[DomainFiles], workers: int) -> dict[str, frozenset[bytes]]:
@@ -238,7 +251,7 @@ def _validate(domains: list[DomainFiles], workers: int) -> dict[str, frozenset[b
              for d in domains for f in d.files]
     eval_hashes: dict[str, set[bytes]] = {d.name: set() for d in domains}
     with _pool(workers, None, None, None, np.dtype(np.int32), 0.0, {}) as pool:
-        results = pool.imap(_validate_file, tasks)
+        results = pool.map(_validate_file, tasks)
         for (domain, path, _), (n_docs, hashes) in tqdm(zip(tasks, results), total=len(tasks),
                                                         desc="validating", unit="file"):
             if n_docs == 0:
@@ -260,7 +273,7 @@ def _tokenize_and_write(domains, cfg, tok, bos_id, eos_id, dtype, eval_hashes, t
             tasks = [(d.name, f, start, end, ("eval" if f in d.eval_files else "train") if d.eval_files else None)
                      for f in d.files for start, end in chunk_offsets(f, chunk_bytes)]
             dropped = 0
-            for (_, _, start, end, _), res in zip(tasks, pool.imap(_tokenize_chunk, tasks)):
+            for (_, _, start, end, _), res in zip(tasks, pool.map(_tokenize_chunk, tasks)):
                 for s in SPLITS:
                     writers[s].add(*res[s])
                 dropped += res["dropped"]

@@ -164,7 +164,8 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
         raise ValueError("model.target is required for lemon_fusion")
     plan = FusionPlan.build(source_cfg, _sub(model, "target", TargetShape),
                             _sub(model, "receptive_field", ReceptiveFields),
-                            shared_gamma=bool(model.get("shared_gamma", False)))
+                            shared_gamma=bool(model.get("shared_gamma", False)),
+                            attention=model.get("attention_operator", "rope"))
     dtype = model.get("source_dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
@@ -199,10 +200,15 @@ def _numel(cfg: LlamaConfig) -> int:
 
 
 def _kinds(plan: FusionPlan) -> list[tuple[int, int, int, int, int]]:
-    """Per weight kind: (n1, m1, n2, m2, r) with n the operator side (rows; o/down transposed)."""
+    """Per weight kind: (n1, m1, n2, m2, r) with n the operator side (rows; o/down transposed).
+
+    The rope attention operator mixes whole heads per coordinate: as cheap as a block operator with
+    r = head_dim (2 n2 n1 m / head_dim FLOPs).
+    """
     s, t, rf = plan.source, plan.target, plan.rf
-    attn = (s.attn, s.hidden, t.attn, t.hidden, rf.r_a)
-    kv = (s.kv, s.hidden, t.kv, t.hidden, rf.r_a)
+    r_a = s.head_dim if plan.attention == "rope" else rf.r_a
+    attn = (s.attn, s.hidden, t.attn, t.hidden, r_a)
+    kv = (s.kv, s.hidden, t.kv, t.hidden, r_a)
     ffn = (s.ffn, s.hidden, t.ffn, t.hidden, rf.r_i)
     return [attn, kv, kv, attn, ffn, ffn, ffn]  # q, k, v, o, up, gate, down
 

@@ -87,7 +87,7 @@ def test_paper_cpt_recipes(size):
     cfg = om.load(REPO / "yamls" / "cpt" / f"{size}.yaml")
     _, train = make_dataclass_and_log_config(cfg, TrainConfig, TRAIN_CONFIG_KEYS, transforms="all")
     assert train.global_train_batch_size * train.max_seq_len == 256 * 4096  # 1M-token batches
-    assert train.max_duration == "50000000000tok" and train.eval_interval == "400ba"
+    assert train.max_duration == "50000000000tok" and train.eval_interval == "40ba"
     assert train.optimizer["lr"] == 1e-4 and train.scheduler["t_warmup"] == "0.03dur"
     assert train.scheduler["alpha_f"] == 0.1 and train.precision == "amp_bf16"
     fsdp = train.fsdp_config

@@ -43,12 +43,12 @@ def test_recipe_on_meta_device(name, llama2_7b_config):
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
     model = LemonFusionModel(**model_cfg, init_device="meta")
     rf = model.plan.rf
-    assert (rf.r_h, rf.r_a, rf.r_i) == (2, 2, 2)
+    assert (rf.r_h, rf.r_a, rf.r_i) == (2, 1, 2) and model.plan.attention == "rope"
     # operator parameter counts (Table 1 with receptive fields)
     counts = {n: p.numel() for n, p in model.named_parameters()}
     expected = {
         "operators.B_emb": (hidden // 2) * (4096 // 2),
-        "operators.A_attn": 32 * (hidden // 2) * (4096 // 2),
+        "operators.A_attn": 32 * 64 * heads * 32,   # per source layer and rotary frequency: heads2 x heads1
         "operators.A_ffn": 32 * (ffn // 2) * (11008 // 2),
         **{f"operators.gamma.{k}": layers * 32 for k in ("q", "k", "v", "o", "up", "gate", "down", "ln1", "ln2")},
     }

@@ -9,7 +9,7 @@ from fusion_helpers import reference_baseline, tiny_config, tiny_source
 from lemon_composer.fusion.fuse import FusionOperators, fuse, stack_layers
 from lemon_composer.fusion.init import Selection, cut_selection, identity_selection, operator_values, random_selection
 from lemon_composer.fusion.operators import block_cols, block_rows, block_vec, check_receptive_field, layer_mix
-from lemon_composer.fusion.plan import FusionPlan, ReceptiveFields, TargetShape
+from lemon_composer.fusion.plan import ATTENTION_OPERATORS, FusionPlan, ReceptiveFields, TargetShape
 from lemon_composer.models.target import TargetSkeleton
 
 
@@ -59,13 +59,14 @@ IDS = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(0))
 SOURCES = {"gqa_untied": dict(kv_heads=2, tied=False), "mha_tied": dict(kv_heads=4, tied=True)}
 
 
+@pytest.mark.parametrize("attention", ATTENTION_OPERATORS)
 @pytest.mark.parametrize("kind", SOURCES)
-def test_identity_init_reproduces_the_source(kind):
+def test_identity_init_reproduces_the_source(kind, attention):
     cfg = tiny_config(**SOURCES[kind])
     source = tiny_source(cfg)
     target = TargetShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
                          cfg.num_key_value_heads)
-    plan = FusionPlan.build(cfg, target, ReceptiveFields(r_h=2, r_a=4, r_i=3))
+    plan = FusionPlan.build(cfg, target, ReceptiveFields(r_h=2, r_a=4, r_i=3), attention=attention)
     with torch.no_grad():
         got = fused_logits(source, plan, operator_values(plan, identity_selection(plan)), IDS)
         torch.testing.assert_close(got, source(IDS).logits, rtol=1e-5, atol=1e-5)
@@ -73,17 +74,17 @@ def test_identity_init_reproduces_the_source(kind):
 
 SHAPES = {  # (source kwargs, target, receptive fields)
     "gqa_depth_and_width": (dict(kv_heads=2), TargetShape(32, 48, 2, 2), ReceptiveFields(2, 4, 3)),
-    "gqa_smaller_groups": (dict(heads=4, kv_heads=1), TargetShape(48, 96, 3, 3, 1), ReceptiveFields(1, 16, 1)),
+    "gqa_smaller_groups": (dict(heads=4, kv_heads=1), TargetShape(48, 96, 3, 3, 1), ReceptiveFields(1, 8, 1)),
     "gqa_fewer_per_group": (dict(heads=4, kv_heads=2), TargetShape(32, 96, 2, 4, 2), ReceptiveFields(1, 1, 1)),
     "mha_tied": (dict(kv_heads=4, tied=True), TargetShape(48, 64, 3, 3), ReceptiveFields(4, 8, 8)),
 }
 
 
-def shape_case(shape: str) -> tuple[LlamaForCausalLM, FusionPlan]:
+def shape_case(shape: str, attention: str = "rope") -> tuple[LlamaForCausalLM, FusionPlan]:
     """The tiny source and fusion plan of ``SHAPES[shape]``."""
     src_kw, target, rf = SHAPES[shape]
     cfg = tiny_config(**src_kw)
-    return tiny_source(cfg), FusionPlan.build(cfg, target, rf)
+    return tiny_source(cfg), FusionPlan.build(cfg, target, rf, attention=attention)
 
 
 @torch.no_grad()
@@ -93,10 +94,11 @@ def selection_logits(source: LlamaForCausalLM, plan: FusionPlan, sel: Selection)
             reference_baseline(source, plan, sel)(IDS).logits)
 
 
+@pytest.mark.parametrize("attention", ATTENTION_OPERATORS)
 @pytest.mark.parametrize("init", ["cut", "random"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_selection_inits_equal_the_sliced_baseline(init, shape):
-    source, plan = shape_case(shape)
+def test_selection_inits_equal_the_sliced_baseline(init, shape, attention):
+    source, plan = shape_case(shape, attention)
     sel = cut_selection(plan) if init == "cut" else random_selection(plan, seed=3)
     got, ref = selection_logits(source, plan, sel)
     assert got.shape == (2, 17, 101)

@@ -139,7 +139,11 @@ def test_checkpoint_state_holds_operators_and_a_source_reference(source_dir, tmp
     ({"target": dict(TARGET, num_attention_heads=3)}, r"target.num_attention_heads=3 must divide target.hidden_size=32"),
     ({"target": dict(TARGET, hidden_size=128, num_attention_heads=8)}, r"target.hidden_size=128 is larger than the source's 64"),
     ({"receptive_field": dict(r_h=5)}, r"receptive_field.r_h=5 must be a positive divisor of 64 and 32"),
-    ({"receptive_field": dict(r_a=32)}, r"receptive_field.r_a=32 must be a positive divisor of 16"),
+    ({"receptive_field": dict(r_a=32)}, r"receptive_field.r_a=32 must be a positive divisor of 8, the rotary "
+                                        r"frequencies per head \(attention_operator: rope"),
+    ({"receptive_field": dict(r_a=32), "attention_operator": "block"},
+     r"receptive_field.r_a=32 must be a positive divisor of 16"),
+    ({"attention_operator": "dense"}, r"model.attention_operator=dense: expected one of \('rope', 'block'\)"),
     ({"receptive_field": dict(r_i=7)}, r"receptive_field.r_i=7 must be a positive divisor of 96 and 48"),
     ({"target": dict(TARGET, vocab_size=32000)}, r"target.vocab_size=32000 must equal the source's vocab 101"),
     ({"target": dict(TARGET, num_hidden_layers=9)}, r"target.num_hidden_layers=9 is larger than the source's 4"),

@@ -21,7 +21,7 @@ def tiny_cfg(algorithms: dict | None = None, **model) -> dict:
     return {"model": {"name": "lemon_fusion", "source_path": "/unused", "source_dtype": "float32",
                       "target": {"hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 1,
                                  "num_hidden_layers": 2},
-                      "receptive_field": {"r_h": 2, "r_a": 2, "r_i": 2}, **model},
+                      "receptive_field": {"r_h": 2, "r_a": 2, "r_i": 2}, "attention_operator": "block", **model},
             "algorithms": algorithms or {}, "max_seq_len": 16, "global_train_batch_size": 4,
             "device_train_microbatch_size": 2, "precision": "fp32"}
 

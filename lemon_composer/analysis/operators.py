@@ -73,8 +73,12 @@ def operator_figures(checkpoint_path: str | Path, out_dir: str | Path) -> list[P
         if name not in ops:
             continue
         a = ops[name]
+        rope = a.dim() == 4  # (L1, frequency groups, heads2, heads1): stack the groups' head matrices
         for j in _layers_to_show(a.shape[0]):
-            paths.append(heatmap(a[j], out / f"{name}_layer{j}.png",
+            aj = a[j].flatten(0, 1) if rope else a[j]            # rope: (groups*heads2, heads1)
+            paths.append(heatmap(aj, out / f"{name}_layer{j}.png",
                                  title=f"dimension operator {name}, source layer {j} ({what})",
-                                 xlabel="source block", ylabel="target block", cmap=DIVERGING, **_centred(a[j])))
+                                 xlabel="source head" if rope else "source block",
+                                 ylabel="(frequency group, target head)" if rope else "target block",
+                                 cmap=DIVERGING, **_centred(aj)))
     return paths

@@ -1,6 +1,7 @@
 """Eq. 2 for a whole LLaMA: the trainable operators and ``fuse()``, source weights -> target state dict.
 
-Per target layer i (Algorithm 1, dimension operators per source layer j, then layer mixing):
+Per target layer i (Algorithm 1, dimension operators per source layer j, then layer mixing; A_j of
+q, k, v, o mixes heads per rotary frequency by default, ``plan.attention``):
     q, k, v, up, gate: W'_i = Σ_j gamma_ij A_j W_j B_emb^T
     o, down:           W'_i = Σ_j gamma_ij B_emb W_j A_j^T
     ln1, ln2:          w'_i = Σ_j gamma_ij B_emb w_j
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lemon_composer.fusion.operators import block_cols, block_rows, block_vec, layer_mix
+from lemon_composer.fusion.operators import block_cols, block_rows, block_vec, frequency_head_mix, layer_mix
 from lemon_composer.fusion.plan import FusionPlan
 
 # parameter kind -> HF name inside a decoder layer
@@ -103,8 +104,10 @@ def dimension_fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, 
         if kind in TRANSPOSED:
             w = w.transpose(1, 2)                                 # (Lj, n1, D1): the contiguous storage
         name, r = dimension_operator(plan, kind)
-        a = ops[name][sources].to(w.dtype)                        # (Lj, n2/r, n1/r)
-        out[kind] = block_cols(b, block_rows(a, w, r), plan.rf.r_h)   # (Lj, n2, D2)
+        a = ops[name][sources].to(w.dtype)                        # block: (Lj, n2/r, n1/r); rope: (Lj, F/r, h2, h1)
+        rows = (frequency_head_mix(a, w, plan.source.head_dim) if name != "A_ffn" and plan.attention == "rope"
+                else block_rows(a, w, r))                         # (Lj, n2, m)
+        out[kind] = block_cols(b, rows, plan.rf.r_h)              # (Lj, n2, D2)
     return out
 
 

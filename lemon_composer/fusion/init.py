@@ -100,9 +100,17 @@ def _one_hot(rows: list[int], n_cols: int) -> Tensor:
     return b
 
 
-def _head_blocks(heads: list[int], head_dim: int, r_a: int) -> list[int]:
-    per_head = head_dim // r_a
-    return [h * per_head + t for h in heads for t in range(per_head)]
+def _head_operator(plan: FusionPlan, heads: list[int], n_source_heads: int) -> Tensor:
+    """The attention operator of one source layer that keeps ``heads`` (whole heads, in order).
+
+    rope: the head selection for every frequency group (F/r_a, heads2, heads1); block: the
+    head_dim/r_a blocks of every kept head (Eq. 6).
+    """
+    d, r_a = plan.source.head_dim, plan.rf.r_a
+    if plan.attention == "rope":
+        return _one_hot(heads, n_source_heads).expand(d // 2 // r_a, -1, -1).clone()
+    per_head = d // r_a
+    return _one_hot([h * per_head + t for h in heads for t in range(per_head)], n_source_heads * per_head)
 
 
 def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
@@ -110,12 +118,11 @@ def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
     s, rf = plan.source, plan.rf
     values = {
         "B_emb": _one_hot(sel.hidden, s.hidden // rf.r_h),
-        "A_attn": torch.stack([_one_hot(_head_blocks(h, s.head_dim, rf.r_a), s.attn // rf.r_a) for h in sel.heads]),
+        "A_attn": torch.stack([_head_operator(plan, h, s.heads) for h in sel.heads]),
         "A_ffn": torch.stack([_one_hot(f, s.ffn // rf.r_i) for f in sel.ffn]),
     }
     if plan.separate_kv:
-        values["A_kv"] = torch.stack([_one_hot(_head_blocks(k, s.head_dim, rf.r_a), s.kv // rf.r_a)
-                                      for k in sel.kv_heads])
+        values["A_kv"] = torch.stack([_head_operator(plan, k, s.kv_heads) for k in sel.kv_heads])
     for kind in plan.gamma_kinds:
         values[f"gamma.{kind}"] = sel.gamma.clone()
     shapes = plan.operator_shapes()

@@ -30,6 +30,24 @@ def block_rows(b: Tensor, w: Tensor, r: int) -> Tensor:
     return (b @ blocks).reshape(*w.shape[:-2], -1, m)     # (..., n2/r, r*m) -> (..., n2, m)
 
 
+def frequency_head_mix(m: Tensor, w: Tensor, head_dim: int) -> Tensor:
+    """RoPE-equivariant head mixing of the rows of ``w`` (L, heads1*head_dim, cols) -> (L, heads2*head_dim, cols).
+
+    ``m`` (L, F/r, heads2, heads1), F = head_dim/2: output row (h, c) = Σ_h' m[c mod F // r][h, h'] w[(h', c)].
+    HF's RoPE rotates the pair (c, c + F) of every head by the same angle at frequency c mod F; both
+    coordinates of a pair get the same head mixing, so rotating commutes with it for any ``m``.
+    One bmm per layer on a strided view of ``w`` (rows (head, coordinate) read as (coordinate, head)):
+    autograd saves the frozen source itself, never a permuted copy.
+    """
+    n_layers, rows, cols = w.shape
+    heads1, freqs = rows // head_dim, head_dim // 2
+    per_coord = m.repeat_interleave(freqs // m.shape[1], dim=1)      # (L, F, heads2, heads1)
+    per_coord = torch.cat([per_coord, per_coord], dim=1)             # (L, head_dim, heads2, heads1): c and c + F
+    mixed = [torch.bmm(per_coord[j], w[j].view(heads1, head_dim, cols).transpose(0, 1))
+             for j in range(n_layers)]                               # each (head_dim, heads2, cols)
+    return torch.stack(mixed).transpose(1, 2).reshape(n_layers, -1, cols)  # (L, heads2, head_dim, cols) -> rows
+
+
 def block_cols(b: Tensor, w: Tensor, r: int) -> Tensor:
     """W (b ⊗ I_r)^T: mixes the columns of ``w`` (..., m, n1) in blocks of r -> (..., m, n2).
 

@@ -3,9 +3,14 @@
 Operators (all trainable; the source is frozen):
 - ``B_emb``  (D2/r_h, D1/r_h): hidden width, shared by the embedding, lm_head, every residual-side
   weight and every RMSNorm weight;
-- ``A_attn`` (L1, attn2/r_a, attn1/r_a): per source layer, query width (q rows, o columns);
-- ``A_kv``   (L1, kv2/r_a, kv1/r_a): per source layer, key/value width, only when source or target
-  uses grouped-query attention; otherwise k and v use ``A_attn`` (one operator per layer as in the paper);
+- ``A_attn``: per source layer, query width (q rows, o columns). ``attention_operator: rope`` (default):
+  (L1, F/r_a, heads2, heads1), for each group of r_a of the F = head_dim/2 rotary frequencies one
+  heads2 x heads1 matrix shared by both coordinates (i, i + F) of every rotation pair, so fusing
+  commutes with RoPE for any values. ``block`` (the paper's Eq. 3, Table 4): (L1, attn2/r_a, attn1/r_a)
+  on contiguous blocks of r_a coordinates; with r_a < head_dim a learned value moves coordinates
+  across rotary frequencies, so it is exact only at selections;
+- ``A_kv``: the same for the key/value width, only when source or target uses grouped-query
+  attention; otherwise k and v use ``A_attn`` (one operator per layer as in the paper);
 - ``A_ffn``  (L1, H2/r_i, H1/r_i): per source layer, FFN width (up/gate rows, down columns);
 - ``gamma``  (L2, L1): the layer operator, one per parameter kind (Algorithm 1) or one shared.
 """
@@ -18,6 +23,7 @@ from transformers import LlamaConfig
 from lemon_composer.fusion.operators import check_receptive_field
 
 GAMMA_KINDS = ("q", "k", "v", "o", "up", "gate", "down", "ln1", "ln2")
+ATTENTION_OPERATORS = ("rope", "block")
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class TargetShape:
 class ReceptiveFields:
     """Table 1's receptive fields (yaml ``model.receptive_field``)."""
     r_h: int = 1  # hidden (B_emb)
-    r_a: int = 1  # attention (A_attn, A_kv); must divide head_dim
+    r_a: int = 1  # attention (A_attn, A_kv): rotary frequencies per operator (rope) or coordinates per block
     r_i: int = 1  # intermediate (A_ffn)
 
 
@@ -86,10 +92,11 @@ class FusionPlan:
     target: LlamaSizes
     rf: ReceptiveFields = field(default_factory=ReceptiveFields)
     shared_gamma: bool = False
+    attention: str = "rope"
 
     @classmethod
     def build(cls, source_cfg: LlamaConfig, target: TargetShape, rf: ReceptiveFields, *,
-              shared_gamma: bool = False) -> "FusionPlan":
+              shared_gamma: bool = False, attention: str = "rope") -> "FusionPlan":
         src = LlamaSizes.from_config(source_cfg)
         t = target
         if t.vocab_size is not None and t.vocab_size != src.vocab:
@@ -106,7 +113,8 @@ class FusionPlan:
         head_dim = t.hidden_size // t.num_attention_heads
         if head_dim != src.head_dim:
             raise ValueError(f"target.hidden_size / num_attention_heads = {head_dim} must equal the source's "
-                             f"head_dim {src.head_dim} (fusion keeps whole heads and RoPE)")
+                             f"head_dim {src.head_dim} (the target keeps the source's head size and rotary "
+                             f"frequencies)")
         kv_heads = t.num_key_value_heads or max(1, t.num_attention_heads // src.group)
         if t.num_attention_heads % kv_heads:
             raise ValueError(f"target.num_key_value_heads={kv_heads} must divide "
@@ -126,9 +134,16 @@ class FusionPlan:
                              f"set target.num_key_value_heads to at least "
                              f"{-(-tgt.heads // src.group)} so whole KV groups can be kept")
         check_receptive_field(rf.r_h, src.hidden, tgt.hidden, name="receptive_field.r_h")
+        if attention not in ATTENTION_OPERATORS:
+            raise ValueError(f"attention_operator={attention}: expected one of {ATTENTION_OPERATORS}")
+        freqs = src.head_dim // 2
+        if attention == "rope" and (rf.r_a < 1 or freqs % rf.r_a):  # r_a frequencies share one head mixing
+            raise ValueError(f"receptive_field.r_a={rf.r_a} must be a positive divisor of {freqs}, the rotary "
+                             f"frequencies per head (attention_operator: rope; block takes divisors of "
+                             f"head_dim {src.head_dim})")
         check_receptive_field(rf.r_a, src.head_dim, name="receptive_field.r_a")
         check_receptive_field(rf.r_i, src.ffn, tgt.ffn, name="receptive_field.r_i")
-        return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma)
+        return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma, attention=attention)
 
     @property
     def separate_kv(self) -> bool:
@@ -141,13 +156,15 @@ class FusionPlan:
 
     def operator_shapes(self) -> dict[str, tuple[int, ...]]:
         s, t, rf = self.source, self.target, self.rf
-        shapes = {
-            "B_emb": (t.hidden // rf.r_h, s.hidden // rf.r_h),
-            "A_attn": (s.layers, t.attn // rf.r_a, s.attn // rf.r_a),
-            "A_ffn": (s.layers, t.ffn // rf.r_i, s.ffn // rf.r_i),
-        }
+        if self.attention == "rope":
+            groups = s.head_dim // 2 // rf.r_a                  # frequency groups per head
+            attn, kv = (s.layers, groups, t.heads, s.heads), (s.layers, groups, t.kv_heads, s.kv_heads)
+        else:
+            attn, kv = (s.layers, t.attn // rf.r_a, s.attn // rf.r_a), (s.layers, t.kv // rf.r_a, s.kv // rf.r_a)
+        shapes = {"B_emb": (t.hidden // rf.r_h, s.hidden // rf.r_h), "A_attn": attn,
+                  "A_ffn": (s.layers, t.ffn // rf.r_i, s.ffn // rf.r_i)}
         if self.separate_kv:
-            shapes["A_kv"] = (s.layers, t.kv // rf.r_a, s.kv // rf.r_a)
+            shapes["A_kv"] = kv
         for kind in self.gamma_kinds:
             shapes[f"gamma.{kind}"] = (t.layers, s.layers)
         return shapes

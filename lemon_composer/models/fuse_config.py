@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lemon_composer.fusion.init import INITS
-from lemon_composer.fusion.plan import ReceptiveFields, TargetShape
+from lemon_composer.fusion.plan import ATTENTION_OPERATORS, ReceptiveFields, TargetShape
 
 
 FUSION_PARALLEL = ("replicated", "sharded")
@@ -28,7 +28,11 @@ class FuseConfig:
     source_path: local HF folder of the frozen source LLaMA.
     target: hidden_size, intermediate_size, num_attention_heads, num_hidden_layers
         [, num_key_value_heads, vocab_size].
-    receptive_field: r_h (hidden), r_a (attention; divides head_dim), r_i (FFN); default 1.
+    receptive_field: r_h (hidden), r_a (attention), r_i (FFN); default 1. r_a divides head_dim / 2
+        (rope: rotary frequencies that share one head-mixing matrix) or head_dim (block).
+    attention_operator: rope (default: per rotary frequency, heads2 x heads1, commutes with RoPE for
+        any values) | block (the paper's Eq. 3 blocks of r_a coordinates; Table 4 fidelity; with
+        r_a < head_dim a learned value splits RoPE's rotation pairs).
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
     init: cut | identity | random | avg | prune; init_seed for random; calibration for prune.
     lam: lambda of Eq. 4 (LM weight; KL gets 1 - lambda); temperature: of the KL term.
@@ -44,6 +48,7 @@ class FuseConfig:
     source_path: str
     target: TargetShape
     receptive_field: ReceptiveFields = field(default_factory=ReceptiveFields)
+    attention_operator: str = "rope"
     shared_gamma: bool = False
     init: str = "cut"
     init_seed: int = 0
@@ -91,6 +96,9 @@ class FuseConfig:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: expected true or false")
+        if self.attention_operator not in ATTENTION_OPERATORS:
+            raise ValueError(f"model.attention_operator={self.attention_operator}: expected one of "
+                             f"{ATTENTION_OPERATORS}")
         if self.fusion_parallel not in FUSION_PARALLEL:
             raise ValueError(f"model.fusion_parallel={self.fusion_parallel}: expected one of {FUSION_PARALLEL}")
         if not isinstance(self.loss_chunk_tokens, int) or isinstance(self.loss_chunk_tokens, bool) \

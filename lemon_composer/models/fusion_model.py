@@ -92,7 +92,8 @@ class LemonFusionModel(ComposerModel):
         self.cfg = FuseConfig.from_yaml(cfg)
         source_cfg = read_source_config(self.cfg.source_path)
         self.plan = FusionPlan.build(source_cfg, self.cfg.target, self.cfg.receptive_field,
-                                     shared_gamma=self.cfg.shared_gamma)  # shapes checked before weights load
+                                     shared_gamma=self.cfg.shared_gamma,
+                                     attention=self.cfg.attention_operator)  # shapes checked before weights load
         attn = resolve_attn_implementation(self.cfg.attn_implementation)
         if self.cfg.init_device == "meta":
             with torch.device("meta"):

@@ -85,7 +85,7 @@ class RunShape:
     chunk: int                  # loss_chunk_tokens
     flash: bool                 # flash-attn (no KV repeat) vs SDPA (K, V repeated to the query width)
     fuse_once: bool             # algorithms.lemon_fuse_once: fuse once per optimizer step
-    joint: bool                 # dimension and layer operators train together (no staged schedule)
+    joint: bool                 # dimension and layer operators train together at some point (not layers_then_dims)
 
 
 def source_config(name_or_path: str, *, key: str = "--source-config", flag: str = "--source-config") -> LlamaConfig:
@@ -181,8 +181,9 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
     if parallel == "sharded" and gpus > 1 and not fuse_once:
         raise ValueError("model.fusion_parallel=sharded needs algorithms.lemon_fuse_once (every rank must "
                          "fuse at the same points)")
+    # only layers_then_dims never trains gamma and the dimension operators together
     staged = "lemon_fusion_stages" in algorithms and \
-        (algorithms["lemon_fusion_stages"] or {}).get("schedule", "dims_then_layers") != "joint"
+        (algorithms["lemon_fusion_stages"] or {}).get("schedule", "dims_then_layers") == "layers_then_dims"
     seq, micro, micro_per_step = _batch(cfg, gpus)
     s = DTYPE_BYTES[dtype]
     amp = precision.startswith("amp")
@@ -243,8 +244,9 @@ def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int)
     fused weights, and what autograd saves of the fusion. Per kind (n the operator side, o/down
     transposed): X = A_j W_j (L1, n2, m1), saved for B_emb's gradient (as a copy the matmul folds), and
     F = X B_emb^T (L1, n2, m2), saved for gamma's; the embedding (and untied head) product is
-    recomputed in backward, so nothing of vocab size is saved. A staged schedule never keeps X and F
-    together (dims stage: X; layer stage: the cached F), so the larger, X, counts. Sharded: L1 is this
+    recomputed in backward, so nothing of vocab size is saved. ``layers_then_dims`` never keeps X and F
+    together (layer stage: the cached F; dims stage: X), so the larger, X, counts; ``dims_then_layers``
+    trains both in its second stage, like ``joint``. Sharded: L1 is this
     rank's share; the partial mixes are summed during the fusion's forward and are gone by the peak.
     With lemon_fuse_once the fused weights' leaves accumulate gradients over micro-batches 1..n-1;
     without it every micro-batch fuses and back-propagates into the operators, whose gradients then

@@ -89,7 +89,7 @@ def run_trainer(source_dir, *, fuse_once: bool, microbatch: int, schedule: str =
     torch.manual_seed(0)
     model = make(source_dir)
     data = [batch(seed=s, b=4, t=12) for s in range(4)]
-    algorithms = [FusionStages(schedule=schedule, switch_at="0.5dur"),
+    algorithms = [FusionStages(schedule=schedule, switch_at="0.5dur", t_warmup="0ba"),
                   GradientClipping(clipping_type="norm", clipping_threshold=0.05)]
     if fuse_once:
         algorithms.append(FuseOnce())

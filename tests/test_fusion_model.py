@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from fusion_helpers import reference_baseline, tiny_config, tiny_source
-from lemon_composer.algorithms.fusion_stages import FusionStages
 from lemon_composer.fusion.init import cut_selection
 from lemon_composer.models.fusion_model import LemonFusionModel
 
@@ -84,28 +83,6 @@ def test_only_operators_get_gradients_and_the_source_never_changes(source_dir):
     after = model.source.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert losses[-1] < losses[0]
-
-
-@pytest.mark.parametrize("schedule,first,second", [("dims_then_layers", "dims", "layers"),
-                                                   ("layers_then_dims", "layers", "dims")])
-def test_stages_train_one_operator_group_at_a_time(source_dir, schedule, first, second):
-    model = make(source_dir)
-    algo = FusionStages(schedule=schedule, switch_at="2ba")
-
-    class FakeState:  # what FusionStages reads from Composer's State
-        def __init__(self, batch):
-            from composer.core import Timestamp
-            self.model, self.timestamp = model, Timestamp(batch=batch)
-
-    for step, expected in ((0, first), (1, first), (2, second), (3, second)):
-        algo.apply(None, FakeState(step), logger=type("L", (), {"log_metrics": lambda *a: None})())
-        model.zero_grad()
-        b = batch(step)
-        model.loss(model(b), b)["total"].backward()
-        got = {"layers": all(p.grad is not None for p in model.operators.gamma.values()),
-               "dims": model.operators.B_emb.grad is not None and model.operators.A_ffn.grad is not None}
-        assert got == {expected: True, ({"dims", "layers"} - {expected}).pop(): False}
-    assert algo.find_unused_parameters
 
 
 def test_param_groups_give_layer_and_dimension_operators_their_own_lr(source_dir):

@@ -55,7 +55,11 @@ def test_tiny_hand_computed():
 
 
 def test_staged_schedule_keeps_x_only():
-    staged = tiny_cfg({"lemon_fusion_stages": {"schedule": "dims_then_layers"}})
+    joint = plan_run(tiny_cfg(), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    dims_first = plan_run(tiny_cfg({"lemon_fusion_stages": {"schedule": "dims_then_layers"}}), gpus=2,
+                          source_cfg=TINY_SOURCE, device="cpu")
+    assert dims_first.memory == joint.memory  # its layer stage trains the dimension operators too
+    staged = tiny_cfg({"lemon_fusion_stages": {"schedule": "layers_then_dims"}})
     est = plan_run(staged, gpus=2, source_cfg=TINY_SOURCE, device="cpu")
     # X alone: q, k, v, o 4 * 4 * 8; up, gate, down 4 * 8 * 8 (the embedding and head products are recomputed)
     assert est.memory["fusion intermediates"] == (4 * 128 + 3 * 256) * 4

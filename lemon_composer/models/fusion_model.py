@@ -188,7 +188,7 @@ class LemonFusionModel(ComposerModel):
                             sources: slice) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``dimension_fuse`` and ``fuse_shared``, cached while no dimension operator takes gradients.
 
-        Then each step's fusion is gamma's mix alone: the second half of ``dims_then_layers`` and
+        Then each step's fusion is gamma's mix alone: the first stage of ``layers_then_dims`` and
         depth-only runs (dimension operators frozen) skip the dimension products. The cache is keyed
         on the operators' version counters, so any change to their values (a load, an optimizer
         step) recomputes it.

@@ -165,7 +165,8 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
     plan = FusionPlan.build(source_cfg, _sub(model, "target", TargetShape),
                             _sub(model, "receptive_field", ReceptiveFields),
                             shared_gamma=bool(model.get("shared_gamma", False)),
-                            attention=model.get("attention_operator", "rope"))
+                            attention=model.get("attention_operator", "rope"),
+                            fold_norms=bool(model.get("fold_norms", False)))
     dtype = model.get("source_dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"

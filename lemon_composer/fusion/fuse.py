@@ -4,7 +4,7 @@ Per target layer i (Algorithm 1, dimension operators per source layer j, then la
 q, k, v, o mixes heads per rotary frequency by default, ``plan.attention``):
     q, k, v, up, gate: W'_i = Σ_j gamma_ij A_j W_j B_emb^T
     o, down:           W'_i = Σ_j gamma_ij B_emb W_j A_j^T
-    ln1, ln2:          w'_i = Σ_j gamma_ij B_emb w_j
+    ln1, ln2:          w'_i = Σ_j gamma_ij B_emb w_j   (1 with ``fold_norms``: the gains are in q, k, v, up, gate)
     embedding E' = E B_emb^T, lm_head H' = H B_emb^T, final norm B_emb w.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def dimension_fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, 
     """
     b = ops["B_emb"].to(stacked["q"].dtype)                      # one cast for every kind
     out: dict[str, Tensor] = {}
-    for kind in LAYER_WEIGHTS:
+    for kind in plan.fused_kinds:
         w = stacked[kind][sources]                                # (Lj, rows, cols) HF layout
         if kind in NORMS:
             out[kind] = block_vec(b, w, plan.rf.r_h)             # (Lj, D2)
@@ -129,8 +129,9 @@ def fuse_shared(plan: FusionPlan, ops: dict[str, Tensor], source: dict[str, Tens
     """Algorithm 1's shared weights: embedding E B_emb^T, final norm B_emb w, lm_head H B_emb^T (untied only)."""
     r_h = plan.rf.r_h
     emb, norm = source["model.embed_tokens.weight"], source["model.norm.weight"]
+    folded = plan.fold_norms and not plan.source.tied             # the gain lives in the head (fold.py)
     out = {"embed": _vocab_product(ops["B_emb"].to(emb.dtype), emb, r_h),
-           "norm": block_vec(ops["B_emb"].to(norm.dtype), norm, r_h)}
+           "norm": norm.new_ones(plan.target.hidden) if folded else block_vec(ops["B_emb"].to(norm.dtype), norm, r_h)}
     if not plan.source.tied:
         head = source["lm_head.weight"]
         out["head"] = _vocab_product(ops["B_emb"].to(head.dtype), head, r_h)
@@ -155,6 +156,11 @@ def to_state_dict(plan: FusionPlan, layers: dict[str, Tensor], shared: dict[str,
     for kind, stack in layers.items():
         for i, w in enumerate(stack.unbind(0)):                  # one UnbindBackward, not L2 selects
             out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"] = w.t() if kind in TRANSPOSED else w
+    if plan.fold_norms:                                          # folded gains: the target's norms are 1
+        ones = shared["norm"].new_ones(plan.target.hidden)
+        for i in range(plan.target.layers):
+            for kind in NORMS:
+                out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"] = ones
     out["model.embed_tokens.weight"] = shared["embed"]
     out["model.norm.weight"] = shared["norm"]
     out["lm_head.weight"] = shared.get("head", shared["embed"])

@@ -93,10 +93,11 @@ class FusionPlan:
     rf: ReceptiveFields = field(default_factory=ReceptiveFields)
     shared_gamma: bool = False
     attention: str = "rope"
+    fold_norms: bool = False  # RMSNorm gains folded into the weights (``fusion/fold.py``): target norms are 1
 
     @classmethod
     def build(cls, source_cfg: LlamaConfig, target: TargetShape, rf: ReceptiveFields, *,
-              shared_gamma: bool = False, attention: str = "rope") -> "FusionPlan":
+              shared_gamma: bool = False, attention: str = "rope", fold_norms: bool = False) -> "FusionPlan":
         src = LlamaSizes.from_config(source_cfg)
         t = target
         if t.vocab_size is not None and t.vocab_size != src.vocab:
@@ -143,7 +144,8 @@ class FusionPlan:
                              f"head_dim {src.head_dim})")
         check_receptive_field(rf.r_a, src.head_dim, name="receptive_field.r_a")
         check_receptive_field(rf.r_i, src.ffn, tgt.ffn, name="receptive_field.r_i")
-        return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma, attention=attention)
+        return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma, attention=attention,
+                   fold_norms=fold_norms)
 
     @property
     def separate_kv(self) -> bool:
@@ -151,8 +153,13 @@ class FusionPlan:
         return self.source.kv_heads != self.source.heads or self.target.kv_heads != self.target.heads
 
     @property
+    def fused_kinds(self) -> tuple[str, ...]:
+        """The decoder weight kinds fusion computes (folded norms are constant 1, not fused)."""
+        return tuple(k for k in GAMMA_KINDS if not (self.fold_norms and k in ("ln1", "ln2")))
+
+    @property
     def gamma_kinds(self) -> tuple[str, ...]:
-        return ("shared",) if self.shared_gamma else GAMMA_KINDS
+        return ("shared",) if self.shared_gamma else self.fused_kinds
 
     def operator_shapes(self) -> dict[str, tuple[int, ...]]:
         s, t, rf = self.source, self.target, self.rf

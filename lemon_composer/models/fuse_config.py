@@ -33,6 +33,8 @@ class FuseConfig:
     attention_operator: rope (default: per rotary frequency, heads2 x heads1, commutes with RoPE for
         any values) | block (the paper's Eq. 3 blocks of r_a coordinates; Table 4 fidelity; with
         r_a < head_dim a learned value splits RoPE's rotation pairs).
+    fold_norms: fold the RMSNorm gains into q/k/v, up/gate (and an untied head) before fusion, so the
+        fused weights are consistent for any B_emb (``fusion/fold.py``); the target's norms are then 1.
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
     init: cut | identity | random | avg | prune; init_seed for random; calibration for prune.
     lam: lambda of Eq. 4 (LM weight; KL gets 1 - lambda); temperature: of the KL term.
@@ -49,6 +51,7 @@ class FuseConfig:
     target: TargetShape
     receptive_field: ReceptiveFields = field(default_factory=ReceptiveFields)
     attention_operator: str = "rope"
+    fold_norms: bool = False
     shared_gamma: bool = False
     init: str = "cut"
     init_seed: int = 0
@@ -94,6 +97,8 @@ class FuseConfig:
             raise ValueError(f"model.lam={self.lam}: must lie in [0, 1] (Eq. 4)")
         if self.temperature <= 0:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
+        if not isinstance(self.fold_norms, bool):
+            raise ValueError(f"model.fold_norms={self.fold_norms!r}: expected true or false")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: expected true or false")
         if self.attention_operator not in ATTENTION_OPERATORS:

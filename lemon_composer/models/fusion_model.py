@@ -31,6 +31,7 @@ from torchmetrics import Metric
 from transformers import LlamaForCausalLM
 
 from lemon_composer.data.calibration import calibration_batches
+from lemon_composer.fusion.fold import fold_norms
 from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, dimension_fuse, fuse_shared,
                                         mix_layers, stack_layers, to_state_dict)
 from lemon_composer.fusion.init import (Selection, cut_selection, identity_selection, operator_values,
@@ -93,7 +94,8 @@ class LemonFusionModel(ComposerModel):
         source_cfg = read_source_config(self.cfg.source_path)
         self.plan = FusionPlan.build(source_cfg, self.cfg.target, self.cfg.receptive_field,
                                      shared_gamma=self.cfg.shared_gamma,
-                                     attention=self.cfg.attention_operator)  # shapes checked before weights load
+                                     attention=self.cfg.attention_operator,
+                                     fold_norms=self.cfg.fold_norms)  # shapes checked before weights load
         attn = resolve_attn_implementation(self.cfg.attn_implementation)
         if self.cfg.init_device == "meta":
             with torch.device("meta"):
@@ -103,6 +105,8 @@ class LemonFusionModel(ComposerModel):
             source = load_source(self.cfg.source_path, source_cfg, resolve_dtype(self.cfg.source_dtype), attn)
             self.source_fingerprint = fingerprint(source)
         source.requires_grad_(False)
+        if self.cfg.fold_norms:
+            fold_norms(source)  # an equivalent source: the teacher's outputs are unchanged
         object.__setattr__(self, "_source", source)  # not a submodule: see the module docstring
         self._stacked = self._share_stacked(source)
         with torch.device("meta") if self.cfg.init_device == "meta" else contextlib.nullcontext():

@@ -9,21 +9,24 @@ block operators (Eq. 5-6), so fusion at step 0 *is* the baseline.
 - ``random``: seeded random sorted subsets of layers, hidden blocks, KV groups, heads, FFN blocks;
 - ``avg``: adjacent layers clustered by CKA similarity (App. A.6), averaged in each cluster;
 - ``prune``: the most important layers, heads, neurons and hidden channels on calibration data
-  (``lemon_composer.fusion.init_prune``).
+  (``lemon_composer.fusion.init_prune``);
+- ``lsq`` (beyond the paper): ``prune`` with least-squares scales of each kept layer's attention and
+  MLP outputs standing in for the dropped layers (``lemon_composer.fusion.init_lsq``).
 
 Query heads are always chosen inside the chosen KV groups (the first ``group2`` members of each,
 or the most important), so grouped-query attention stays exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lemon_composer.fusion.plan import FusionPlan
 
-INITS = ("cut", "identity", "random", "avg", "prune")
+INITS = ("cut", "identity", "random", "avg", "prune", "lsq")
+CALIBRATED_INITS = ("prune", "lsq")  # read calibration data (``model.calibration``)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Selection:
     kv_heads: list[list[int]]     # per source layer: KV2 source KV heads
     heads: list[list[int]]        # per source layer: H2 source query heads, grouped under kv_heads
     ffn: list[list[int]]          # per source layer: H2/r_i source FFN blocks
+    gamma_by_kind: dict[str, Tensor] = field(default_factory=dict)  # kinds whose gamma differs (lsq)
 
 
 def heads_in_groups(kv_heads: list[int], members: list[list[int]], group: int) -> list[int]:
@@ -123,8 +127,10 @@ def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
     }
     if plan.separate_kv:
         values["A_kv"] = torch.stack([_head_operator(plan, k, s.kv_heads) for k in sel.kv_heads])
+    if plan.shared_gamma and sel.gamma_by_kind:
+        raise ValueError(f"this init sets gamma per kind ({sorted(sel.gamma_by_kind)}): it needs shared_gamma=false")
     for kind in plan.gamma_kinds:
-        values[f"gamma.{kind}"] = sel.gamma.clone()
+        values[f"gamma.{kind}"] = sel.gamma_by_kind.get(kind, sel.gamma).clone()
     shapes = plan.operator_shapes()
     for name, value in values.items():
         if tuple(value.shape) != shapes[name]:

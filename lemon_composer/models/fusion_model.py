@@ -168,7 +168,11 @@ class LemonFusionModel(ComposerModel):
         c = self.cfg.calibration
         batches = calibration_batches(c.data_dir, split=c.split, num_batches=c.num_batches,
                                       batch_size=c.batch_size, seq_len=c.seq_len)
-        return prune_selection(plan, self._source, batches)
+        pruned = prune_selection(plan, self._source, batches)
+        if init == "prune":
+            return pruned
+        from lemon_composer.fusion.init_lsq import lsq_selection
+        return lsq_selection(plan, self._source, batches, pruned)
 
     # ---- the fused target ----
     def _sharded(self) -> bool:

@@ -6,7 +6,8 @@ from the folded source, a target weight is A W diag(w) B_emb^T for any B_emb, wh
 as a vector, B_emb w, stands for B_emb diag(w) B_emb^T only when B_emb selects channels. So the
 target's norms are fixed at 1 and their gammas drop out (``FusionPlan.gamma_kinds``).
 
-A tied head shares the embedding matrix, so the final gain stays unfolded there (fused as B_emb w).
+A tied head shares the embedding matrix, so the final gain stays unfolded there (``fuse_shared`` fuses it
+as the energy-weighted mean of the source gains each target channel reads).
 """
 from __future__ import annotations
 

@@ -126,12 +126,24 @@ def mix_layers(plan: FusionPlan, ops: dict[str, Tensor], per_source: dict[str, T
 
 
 def fuse_shared(plan: FusionPlan, ops: dict[str, Tensor], source: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Algorithm 1's shared weights: embedding E B_emb^T, final norm B_emb w, lm_head H B_emb^T (untied only)."""
+    """Algorithm 1's shared weights: embedding E B_emb^T, final norm B_emb w, lm_head H B_emb^T (untied only).
+
+    With ``fold_norms`` the final norm is 1 for an untied head (its gain is folded into it) and, for a
+    tied head, which cannot hold it, the gain diag(B w B^T) would stand for read back through
+    normalised rows: ((B∘B) w) / ((B∘B) 1), each target channel the energy-weighted mean of the source
+    gains it reads (w at a selection; the best diagonal of Q^T diag(w) Q for a scaled rotation Q).
+    """
     r_h = plan.rf.r_h
     emb, norm = source["model.embed_tokens.weight"], source["model.norm.weight"]
-    folded = plan.fold_norms and not plan.source.tied             # the gain lives in the head (fold.py)
-    out = {"embed": _vocab_product(ops["B_emb"].to(emb.dtype), emb, r_h),
-           "norm": norm.new_ones(plan.target.hidden) if folded else block_vec(ops["B_emb"].to(norm.dtype), norm, r_h)}
+    b = ops["B_emb"].to(norm.dtype)
+    if not plan.fold_norms:
+        fused_norm = block_vec(b, norm, r_h)
+    elif plan.source.tied:
+        energy = b * b                                              # (D2/r_h, D1/r_h)
+        fused_norm = block_vec(energy, norm, r_h) / block_vec(energy, torch.ones_like(norm), r_h).clamp_min(1e-12)
+    else:
+        fused_norm = norm.new_ones(plan.target.hidden)              # the gain lives in the head (fold.py)
+    out = {"embed": _vocab_product(ops["B_emb"].to(emb.dtype), emb, r_h), "norm": fused_norm}
     if not plan.source.tied:
         head = source["lm_head.weight"]
         out["head"] = _vocab_product(ops["B_emb"].to(head.dtype), head, r_h)

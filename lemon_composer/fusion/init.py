@@ -11,7 +11,9 @@ block operators (Eq. 5-6), so fusion at step 0 *is* the baseline.
 - ``prune``: the most important layers, heads, neurons and hidden channels on calibration data
   (``lemon_composer.fusion.init_prune``);
 - ``lsq`` (beyond the paper): ``prune`` with least-squares scales of each kept layer's attention and
-  MLP outputs standing in for the dropped layers (``lemon_composer.fusion.init_lsq``).
+  MLP outputs standing in for the dropped layers (``lemon_composer.fusion.init_lsq``);
+- ``pca`` (beyond the paper): ``prune`` with B_emb the scaled principal directions of the normalised
+  residual stream, as SliceGPT rotates it (``lemon_composer.fusion.init_pca``; needs fold_norms, r_h 1).
 
 Query heads are always chosen inside the chosen KV groups (the first ``group2`` members of each,
 or the most important), so grouped-query attention stays exact.
@@ -25,8 +27,8 @@ from torch import Tensor
 
 from lemon_composer.fusion.plan import FusionPlan
 
-INITS = ("cut", "identity", "random", "avg", "prune", "lsq")
-CALIBRATED_INITS = ("prune", "lsq")  # read calibration data (``model.calibration``)
+INITS = ("cut", "identity", "random", "avg", "prune", "lsq", "pca")
+CALIBRATED_INITS = ("prune", "lsq", "pca")  # read calibration data (``model.calibration``)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Selection:
     heads: list[list[int]]        # per source layer: H2 source query heads, grouped under kv_heads
     ffn: list[list[int]]          # per source layer: H2/r_i source FFN blocks
     gamma_by_kind: dict[str, Tensor] = field(default_factory=dict)  # kinds whose gamma differs (lsq)
+    b_emb: Tensor | None = None   # a dense B_emb instead of the ``hidden`` selection (pca)
 
 
 def heads_in_groups(kv_heads: list[int], members: list[list[int]], group: int) -> list[int]:
@@ -121,7 +124,7 @@ def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
     """One-hot operators (names of ``plan.operator_shapes()``) that reproduce the selection exactly."""
     s, rf = plan.source, plan.rf
     values = {
-        "B_emb": _one_hot(sel.hidden, s.hidden // rf.r_h),
+        "B_emb": _one_hot(sel.hidden, s.hidden // rf.r_h) if sel.b_emb is None else sel.b_emb,
         "A_attn": torch.stack([_head_operator(plan, h, s.heads) for h in sel.heads]),
         "A_ffn": torch.stack([_one_hot(f, s.ffn // rf.r_i) for f in sel.ffn]),
     }

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lemon_composer.fusion.init import CALIBRATED_INITS, INITS
+from lemon_composer.fusion.init_pca import check_pca
 from lemon_composer.fusion.plan import ATTENTION_OPERATORS, ReceptiveFields, TargetShape
 
 
@@ -36,7 +37,8 @@ class FuseConfig:
     fold_norms: fold the RMSNorm gains into q/k/v, up/gate (and an untied head) before fusion, so the
         fused weights are consistent for any B_emb (``fusion/fold.py``); the target's norms are then 1.
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
-    init: cut | identity | random | avg | prune | lsq; init_seed for random; calibration for prune and lsq.
+    init: cut | identity | random | avg | prune | lsq | pca; init_seed for random; calibration for prune,
+        lsq and pca.
     lam: lambda of Eq. 4 (LM weight; KL gets 1 - lambda); temperature: of the KL term.
     source_dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 | float64 (exactness tests).
     attn_implementation: auto (flash-attn on GPU when installed, else sdpa) | sdpa | eager | flash_attention_2.
@@ -93,6 +95,8 @@ class FuseConfig:
         if self.init in CALIBRATED_INITS and self.calibration is None and self.init_device != "meta":
             raise ValueError(f"model.init={self.init} needs model.calibration.data_dir (data prep output to score "
                              f"heads, neurons and channels on)")
+        if self.init == "pca":
+            check_pca(self.fold_norms, self.receptive_field.r_h)
         if self.init == "lsq" and self.shared_gamma:
             raise ValueError("model.init=lsq sets gamma.o and gamma.down apart from the other kinds: it needs "
                              "model.shared_gamma=false")

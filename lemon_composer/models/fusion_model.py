@@ -171,6 +171,9 @@ class LemonFusionModel(ComposerModel):
         pruned = prune_selection(plan, self._source, batches)
         if init == "prune":
             return pruned
+        if init == "pca":
+            from lemon_composer.fusion.init_pca import pca_selection
+            return pca_selection(plan, self._source, batches, pruned)
         from lemon_composer.fusion.init_lsq import lsq_selection
         return lsq_selection(plan, self._source, batches, pruned)
 

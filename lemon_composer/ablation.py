@@ -9,6 +9,10 @@ prep's eval split, and the local multiple-choice tasks when given. Writes ``resu
 ``results.md`` (Tables 3-4 layout), the fusion runs' held-out loss curves, operator heatmaps, and
 the layer-CKA reports of the source and of the LEMON models.
 
+With ``lr_sweep`` (multipliers of both operator rates), each LEMON init first gets one short fusion
+per multiplier (``lr_sweep_steps`` steps, ``out/sweep/<init>/x<mult>``), evaluated the same way;
+the multiplier with the lowest held-out loss (mean over domains) sets that init's full run.
+
 Settings (paper Sec. 4.4): ``depth`` trains only the layer operator (the target keeps every width;
 Table 3), ``width`` only the dimension operators (the target keeps every layer; Table 4), ``both``
 all of them. The generated yamls are kept beside the results as the record of what ran.
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ from lemon_composer.atomic import atomic_write_text
 from lemon_composer.data.manifest import read_manifest
 from lemon_composer.eval.perplexity import domain_perplexity
 from lemon_composer.export import export_baseline, export_checkpoint
+from lemon_composer.fusion.init import CALIBRATED_INITS, INITS
 from lemon_composer.launch import REPO, run_composer
 from lemon_composer.sources.load import read_source_config
 
@@ -42,11 +49,19 @@ FUSE_TEMPLATE = REPO / "yamls" / "fuse" / "smollm2_cpu.yaml"
 CPT_TEMPLATE = REPO / "yamls" / "cpt" / "smollm2_cpu.yaml"
 SETTINGS = ("depth", "width", "both")
 FROZEN = {"depth": r"operators\.(B_emb|A_)", "width": r"operators\.gamma", "both": None}  # disable_grad
+RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
 
 
 @dataclass
 class AblationConfig:
-    """The runner's yaml (``yamls/ablation/*.yaml``); every key is documented there."""
+    """The runner's yaml (``yamls/ablation/*.yaml``); every key is documented there.
+
+    baselines, lemon_inits: inits from ``lemon_composer.fusion.init.INITS``.
+    lr_sweep: null (off) or multipliers of lr_dims and lr_gamma, each tried for lr_sweep_steps fusion
+        steps per LEMON init; the lowest held-out loss picks the rates of that init's full run.
+    model_overrides: extra ``model.<key>: <value>`` for every fusion run (sweep runs included) and
+        every baseline export (e.g. fold_norms, which ``pca`` needs).
+    """
     source_path: str
     data_dir: str
     out: str
@@ -65,8 +80,12 @@ class AblationConfig:
     eval_max_rows: int | None = 64
     mc_tasks: str | None = None
     mc_limit: int | None = 50
+    lr_sweep: list[float] | None = None
+    lr_sweep_steps: int = 10
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_run_keys()
         if self.setting not in SETTINGS:
             raise ValueError(f"setting={self.setting}: expected one of {SETTINGS}")
         src = read_source_config(self.source_path, key="source_path")
@@ -82,21 +101,52 @@ class AblationConfig:
         if self.fusion_steps < 1 or self.cpt_steps < 0:
             raise ValueError(f"fusion_steps={self.fusion_steps} must be >= 1 and cpt_steps={self.cpt_steps} >= 0")
 
+    def _check_run_keys(self) -> None:
+        """Inits, sweep and model overrides: each bad value named with its key before anything loads."""
+        for key in ("baselines", "lemon_inits"):
+            value = getattr(self, key)
+            if not isinstance(value, (list, tuple)) or any(i not in INITS for i in value):
+                raise ValueError(f"{key}={value!r}: expected a list of inits from {INITS}")
+        sweep = self.lr_sweep
+        if sweep is not None:
+            if not isinstance(sweep, (list, tuple)) or not sweep or not all(map(_positive, sweep)) \
+                    or len(set(sweep)) != len(sweep):
+                raise ValueError(f"lr_sweep={sweep!r}: expected null or a non-empty list of distinct positive "
+                                 "numbers (multipliers of lr_dims and lr_gamma)")
+            self.lr_sweep = [float(m) for m in sweep]
+        steps = self.lr_sweep_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"lr_sweep_steps={steps!r}: expected a positive integer (fusion steps per sweep run)")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides={self.model_overrides!r}: expected a mapping of model keys to "
+                             "values, e.g. {attention_operator: block}")
+        owned = sorted(set(self.model_overrides) & set(RUNNER_MODEL_KEYS))
+        if owned:
+            raise ValueError(f"model_overrides: {owned} are set by the runner (from source_path, target, "
+                             "receptive_field, lemon_inits); set those keys instead")
 
-def _fusion_yaml(cfg: AblationConfig, init: str, out: Path) -> Path:
-    """The fusion template with this ablation's source, target, init, budget and frozen operators."""
+
+def _positive(x: Any) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: float) -> Path:
+    """The fusion template with this ablation's source, target, init, ``steps``, both rates times ``mult``,
+    frozen operators and model overrides."""
     y = om.load(FUSE_TEMPLATE)
     y.variables.data_dir, y.variables.source_path, y.variables.seq_len = cfg.data_dir, cfg.source_path, cfg.seq_len
     y.model.target = dict(cfg.target)
     y.model.receptive_field = dict(cfg.receptive_field)
     y.model.init = init
-    if init == "prune":
+    if init in CALIBRATED_INITS:
         y.model.calibration = {"data_dir": cfg.data_dir}
-    y.max_duration = f"{cfg.fusion_steps}ba"
-    y.eval_interval = f"{max(1, cfg.fusion_steps // 4)}ba"
+    y.merge_with({"model": cfg.model_overrides})
+    y.max_duration = f"{steps}ba"
+    y.eval_interval = f"{max(1, steps // 4)}ba"
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size
-    y.optimizer.lr = cfg.lr_dims
-    y.optimizer.param_groups[0].lr = cfg.lr_gamma
+    y.optimizer.lr = cfg.lr_dims * mult
+    y.optimizer.param_groups[0].lr = cfg.lr_gamma * mult
     if FROZEN[cfg.setting]:
         y.optimizer.disable_grad = FROZEN[cfg.setting]
     y.save_folder, y.save_interval, y.save_overwrite = str(out / f"ckpt-{init}"), y.max_duration, True
@@ -123,18 +173,57 @@ def _cpt_yaml(cfg: AblationConfig, model_dir: Path, name: str, out: Path) -> Pat
     return path
 
 
-def build_candidates(cfg: AblationConfig, out: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Export the baselines and run LEMON fusion; return {method: HF folder} and {method: fusion log}."""
+def _fuse(cfg: AblationConfig, init: str, out: Path, steps: int, mult: float) -> tuple[Path, Path]:
+    """One LEMON fusion through ``composer train.py`` in ``out``; return its final checkpoint and its log."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = run_composer(_fusion_yaml(cfg, init, out, steps, mult), [], out / f"fuse-{init}.log", echo=False)
+    return out / f"ckpt-{init}" / f"ep0-ba{steps}-rank0.pt", log_path
+
+
+def pick_multiplier(losses: dict[float, float]) -> float:
+    """The multiplier with the lowest held-out loss; ties go to the smaller one, NaN never wins."""
+    return min(sorted(losses), key=lambda m: math.inf if math.isnan(losses[m]) else losses[m])
+
+
+def _sweep_loss(cfg: AblationConfig, init: str, mult: float, out: Path) -> float:
+    """Held-out loss (mean over domains) after ``lr_sweep_steps`` of fusion at ``mult`` times both rates.
+
+    The run's yaml and log stay in ``out``; its checkpoint and exported model are removed once evaluated.
+    """
+    ckpt, _ = _fuse(cfg, init, out, cfg.lr_sweep_steps, mult)
+    model = export_checkpoint(ckpt, out / "model", overwrite=True)
+    losses = _domain_losses(cfg, model)
+    shutil.rmtree(ckpt.parent)
+    shutil.rmtree(model)
+    return sum(losses.values()) / len(losses)
+
+
+def sweep_learning_rates(cfg: AblationConfig, out: Path) -> list[dict[str, Any]]:
+    """``lr_sweep``: one short fusion per LEMON init and multiplier; a row each, the lowest loss ``chosen``."""
+    if not cfg.lr_sweep:
+        return []
+    rows = []
+    for init in cfg.lemon_inits:
+        losses = {m: _sweep_loss(cfg, init, m, out / "sweep" / init / f"x{m}") for m in cfg.lr_sweep}
+        best = pick_multiplier(losses)
+        rows += [{"init": init, "multiplier": m, "lr_dims": cfg.lr_dims * m, "lr_gamma": cfg.lr_gamma * m,
+                  "loss": loss, "chosen": m == best} for m, loss in losses.items()]
+    return rows
+
+
+def build_candidates(cfg: AblationConfig, out: Path,
+                     mults: dict[str, float]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Export the baselines and run LEMON fusion (rates times ``mults[init]``, default 1);
+    return {method: HF folder} and {method: fusion log}."""
     models, logs = {}, {}
     for init in cfg.baselines:
-        extra = {"calibration": {"data_dir": cfg.data_dir}} if init == "prune" else {}
+        extra = {"calibration": {"data_dir": cfg.data_dir}} if init in CALIBRATED_INITS else {}
         models[init.capitalize()] = export_baseline(
             cfg.source_path, init, cfg.target, out / "models" / init, overwrite=True,
-            receptive_field=cfg.receptive_field, attn_implementation="sdpa", **extra)
+            receptive_field=cfg.receptive_field, **{"attn_implementation": "sdpa", **cfg.model_overrides, **extra})
     for init in cfg.lemon_inits:
         name = f"LEMON-{init.capitalize()}"
-        logs[name] = run_composer(_fusion_yaml(cfg, init, out), [], out / f"fuse-{init}.log", echo=False)
-        ckpt = out / f"ckpt-{init}" / f"ep0-ba{cfg.fusion_steps}-rank0.pt"
+        ckpt, logs[name] = _fuse(cfg, init, out, cfg.fusion_steps, mults.get(init, 1.0))
         models[name] = export_checkpoint(ckpt, out / "models" / f"lemon-{init}", overwrite=True)
         operator_figures(ckpt, out / "figures" / f"operators-lemon-{init}")
     if cfg.cpt_steps:
@@ -147,13 +236,17 @@ def build_candidates(cfg: AblationConfig, out: Path) -> tuple[dict[str, Path], d
     return models, logs
 
 
+def _domain_losses(cfg: AblationConfig, model: Path) -> dict[str, float]:
+    """Held-out loss per domain on data prep's eval split (the first ``eval_max_rows`` rows of each)."""
+    return {d: r["loss"] for d, r in domain_perplexity(model, cfg.data_dir, max_rows=cfg.eval_max_rows).items()}
+
+
 def evaluate_candidates(cfg: AblationConfig, models: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Held-out loss per domain and, with mc_tasks, multiple-choice accuracy, for every model."""
     results = {}
     for name, path in models.items():
-        ppl = domain_perplexity(path, cfg.data_dir, max_rows=cfg.eval_max_rows)
         row: dict[str, Any] = {"layers": read_source_config(path, key="model").num_hidden_layers,
-                               "loss": {d: r["loss"] for d, r in ppl.items()}}
+                               "loss": _domain_losses(cfg, path)}
         if cfg.mc_tasks:
             from lemon_composer.evaluate import evaluate
             summary = evaluate(path, [f"all-local:{cfg.mc_tasks}"], limit=cfg.mc_limit)
@@ -167,7 +260,7 @@ def markdown_table(results: dict[str, dict[str, Any]], title: str) -> str:
     first = next(iter(results.values()))
     tasks, domains = list(first.get("mc", {})), list(first["loss"])
     head = ["Method", "L."] + tasks + (["AVG"] if tasks else []) + [f"loss {d}" for d in domains] + ["loss avg"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for name, r in results.items():
         cells = [name, str(r["layers"])]
         if tasks:
@@ -175,8 +268,23 @@ def markdown_table(results: dict[str, dict[str, Any]], title: str) -> str:
             cells += [f"{a:.1f}" for a in acc] + [f"{sum(acc) / len(acc):.1f}"]
         losses = [r["loss"][d] for d in domains]
         cells += [f"{v:.3f}" for v in losses] + [f"{sum(losses) / len(losses):.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return _table(title, head, body)
+
+
+def sweep_table(rows: list[dict[str, Any]], steps: int) -> str:
+    """The learning-rate sweep: one row per LEMON init and multiplier, the chosen one marked."""
+    head = ["LEMON init", "multiplier", "lr_dims", "lr_gamma", "held-out loss", "chosen"]
+    body = [[r["init"], f"{r['multiplier']:g}", f"{r['lr_dims']:.2e}", f"{r['lr_gamma']:.2e}", f"{r['loss']:.3f}",
+             "yes" if r["chosen"] else ""] for r in rows]
+    return _table(f"Learning-rate sweep ({steps} fusion steps per run, held-out loss averaged over domains)",
+                  head, body)
+
+
+def _table(title: str, head: list[str], body: list[list[str]]) -> str:
+    """A markdown table under a ``###`` title."""
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
 
 
 def _shape(c: dict[str, Any]) -> str:
@@ -188,7 +296,8 @@ def _shape(c: dict[str, Any]) -> str:
 def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    models, logs = build_candidates(cfg, out)
+    sweep = sweep_learning_rates(cfg, out)
+    models, logs = build_candidates(cfg, out, {r["init"]: r["multiplier"] for r in sweep if r["chosen"]})
     results = evaluate_candidates(cfg, {"Source": Path(cfg.source_path), **models})
     curves = {name: read_eval_curve(path) for name, path in logs.items()}
     if curves:
@@ -198,9 +307,10 @@ def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
     for name in logs:  # the fused models, before any CPT (Fig. 6)
         cka_report(str(models[name]), str(out / "figures" / f"cka-{name.lower()}"), name=name)
     title = f"{cfg.setting} ablation: {_shape(read_source_config(cfg.source_path).to_dict())} -> {_shape(cfg.target)}"
-    atomic_write_text(out / "results.md", markdown_table(results, title))
+    tables = [markdown_table(results, title)] + ([sweep_table(sweep, cfg.lr_sweep_steps)] if sweep else [])
+    atomic_write_text(out / "results.md", "\n".join(tables))
     atomic_write_text(out / "results.json", json.dumps({"config": asdict(cfg), "results": results,
-                                                        "curves": curves}, indent=2) + "\n")
+                                                        "lr_sweep": sweep, "curves": curves}, indent=2) + "\n")
     return results
 
 

@@ -1,12 +1,16 @@
-"""The ablation runner end to end on a tiny model: baselines, LEMON runs, CPT, evaluation, tables, figures."""
+"""The ablation runner end to end on a tiny model: baselines, LEMON runs, CPT, evaluation, tables, figures,
+the learning-rate sweep."""
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf as om
 
-from lemon_composer.ablation import AblationConfig, main, run
+from lemon_composer.ablation import AblationConfig, main, pick_multiplier, run
 from lemon_composer.analysis.cka import load_matrix
 from lemon_composer.analysis.operators import load_operators
 from lemon_composer.data.prep import DataPrepConfig, prepare
@@ -73,15 +77,6 @@ def test_depth_ablation_end_to_end(inputs):
     assert not (out / "figures" / "cka-lemon-cut" / "hidden_cka.png").exists()
 
 
-def test_short_cpt_of_every_candidate(inputs, tmp_path):
-    root, source = inputs
-    results = run(config(root, source, out=str(tmp_path / "out"), setting="both",
-                         target={**DEPTH_TARGET, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1},
-                         baselines=["cut"], lemon_inits=["cut"], cpt_steps=2, mc_tasks=None))
-    assert list(results) == ["Source", "Cut", "LEMON-Cut", "Cut + CPT", "LEMON-Cut + CPT"]
-    assert "mc" not in results["Cut"]
-
-
 def test_bad_settings_are_named(inputs, capsys):
     root, source = inputs
     with pytest.raises(ValueError, match=r"setting=depth keeps the source's hidden_size=64; target.hidden_size=32"):
@@ -96,10 +91,74 @@ def test_bad_settings_are_named(inputs, capsys):
     assert main([str(cfg_file)]) == 2 and "unknown_key" in capsys.readouterr().err
 
 
+def test_pick_multiplier_takes_the_lowest_held_out_loss():
+    assert pick_multiplier({0.25: 5.1, 1.0: 4.2, 4.0: 6.0}) == 1.0
+    assert pick_multiplier({4.0: 3.9, 0.25: 5.0, 1.0: 4.2}) == 4.0
+    assert pick_multiplier({4.0: 3.0, 0.25: 3.5, 1.0: 3.0}) == 1.0  # a tie goes to the smaller multiplier
+    assert pick_multiplier({0.5: math.nan, 2.0: 9.0}) == 2.0  # a diverged run never wins
+    assert pick_multiplier({3.0: 7.0}) == 3.0
+
+
+def test_lr_sweep_then_short_cpt_of_every_candidate(inputs, tmp_path):
+    """One run for both (each composer run costs seconds): the sweep picks the full run's rates; CPT follows."""
+    root, source = inputs
+    out = tmp_path / "out"
+    cfg = config(root, source, out=str(out), setting="both",
+                 target={**DEPTH_TARGET, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1},
+                 baselines=["cut"], lemon_inits=["cut"], cpt_steps=2, mc_tasks=None,
+                 lr_sweep=[0.5, 8], lr_sweep_steps=2, model_overrides={"temperature": 2.0})
+    results = run(cfg)
+    assert list(results) == ["Source", "Cut", "LEMON-Cut", "Cut + CPT", "LEMON-Cut + CPT"]
+    assert "mc" not in results["Cut"]
+    rows = json.loads((out / "results.json").read_text())["lr_sweep"]
+    assert [(r["init"], r["multiplier"], r["lr_gamma"]) for r in rows] == [
+        ("cut", 0.5, pytest.approx(0.5 * cfg.lr_gamma)), ("cut", 8.0, pytest.approx(8 * cfg.lr_gamma))]
+    losses = {r["multiplier"]: r["loss"] for r in rows}
+    assert losses[0.5] != losses[8.0] and all(math.isfinite(v) for v in losses.values())
+    chosen = [r["multiplier"] for r in rows if r["chosen"]]
+    assert chosen == [min(losses, key=losses.get)]
+    for mult, folder, steps in [(0.5, out / "sweep" / "cut" / "x0.5", 2), (8.0, out / "sweep" / "cut" / "x8.0", 2),
+                                (chosen[0], out, cfg.fusion_steps)]:  # the sweep runs, then the full run
+        y = om.load(folder / "fuse-cut.yaml")
+        assert y.optimizer.lr == pytest.approx(mult * cfg.lr_dims)
+        assert y.optimizer.param_groups[0].lr == pytest.approx(mult * cfg.lr_gamma)
+        assert y.max_duration == f"{steps}ba" and y.model.temperature == 2.0 and y.model.init == "cut"
+        assert (folder / "fuse-cut.log").is_file()
+    assert not (out / "sweep" / "cut" / "x0.5" / "ckpt-cut").exists()  # sweep checkpoints are not kept
+    table = (out / "results.md").read_text()
+    assert "### Learning-rate sweep (2 fusion steps per run" in table
+    assert re.search(rf"\| cut \| {chosen[0]:g} \| .* \| yes \|", table)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr_sweep", [], "lr_sweep=[]: expected null or a non-empty list"),
+    ("lr_sweep", [1.0, -0.5], "lr_sweep=[1.0, -0.5]: expected"),
+    ("lr_sweep", [1.0, 1], "lr_sweep=[1.0, 1]: expected null or a non-empty list of distinct positive numbers"),
+    ("lr_sweep", 2.0, "lr_sweep=2.0: expected"),
+    ("lr_sweep", ["fast"], "lr_sweep=['fast']: expected"),
+    ("lr_sweep", [math.inf], "lr_sweep=[inf]: expected"),
+    ("lr_sweep_steps", 0, "lr_sweep_steps=0: expected a positive integer"),
+    ("lr_sweep_steps", 2.5, "lr_sweep_steps=2.5: expected a positive integer"),
+    ("model_overrides", ["fold_norms"], "model_overrides=['fold_norms']: expected a mapping"),
+    ("model_overrides", {"init": "random"}, "model_overrides: ['init'] are set by the runner"),
+    ("baselines", ["cut", "shear"], "baselines=['cut', 'shear']: expected a list of inits from ("),
+    ("lemon_inits", "cut", "lemon_inits='cut': expected a list of inits from ("),
+])
+def test_bad_run_keys_are_named_before_anything_loads(inputs, key, value, message):
+    root, _ = inputs
+    with pytest.raises(ValueError, match=re.escape(message)):  # a missing source would fail later
+        config(root, root / "no-source", **{key: value})
+
+
+def test_every_fusion_init_is_accepted(inputs):
+    from lemon_composer.fusion.init import INITS
+    root, source = inputs
+    cfg = config(root, source, baselines=list(INITS), lemon_inits=list(INITS), lr_sweep=[1, 0.5])
+    assert cfg.lr_sweep == [1.0, 0.5] and cfg.model_overrides == {} and cfg.lr_sweep_steps == 10
+
+
 @pytest.mark.parametrize("name", ["smollm2_depth", "smollm2_width"])
 def test_shipped_yamls_are_valid_for_the_real_source(inputs, name):
-    from omegaconf import OmegaConf as om
-
     from conftest import REPO
     from lemon_composer.sources.smollm2 import local_smollm2
     root, _ = inputs

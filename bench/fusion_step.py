@@ -4,7 +4,7 @@
 
 Source: a random LLaMA of SmolLM2-135M's shape (576 / 1536 / 9 heads, 3 KV / 30 layers, vocab 49152,
 tied). Settings: depth (30 -> 20 layers, widths kept, dimension operators frozen at r = 64 as in
-``yamls/ablation/smollm2_depth.yaml``), width (576 -> 384, ffn 1024, 6 heads, r = 2), both (both).
+``yamls/ablation/smollm2_depth.yaml``), width (576 -> 384, ffn 1024, 6 heads, r = 2, attention operator rope), both (both).
 Every number comes from its own fresh process, so peak RSS (VmHWM, reset before the measured
 step) belongs to that step alone. Ratios, each against baselines measured in the same run:
 
@@ -12,7 +12,9 @@ step) belongs to that step alone. Ratios, each against baselines measured in the
    beyond its parts (issue 10 asks <= 1.3);
 2. fusion alone (forward + backward of the fused weights) / plain target step (depth: <= 10%);
 3. peak RSS of a fusion step / peak RSS of a plain target step (<= 2);
-4. step time with k micro-batches per optimizer step against k x the 1-micro-batch step minus
+4. for the last setting, fusion alone, step time and peak RSS with the RoPE-equivariant attention
+   operator (default) against the paper's block form (rope / block);
+5. step time with k micro-batches per optimizer step against k x the 1-micro-batch step minus
    (k - 1) x fusion alone: with fusion paid once per step the measured time stays below it.
 
 Runs the code it finds on the import path: with ``PYTHONPATH=<older checkout>`` it measures that
@@ -38,7 +40,7 @@ SOURCE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, nu
               num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 SETTINGS = {
     "depth": (dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                   num_hidden_layers=20), dict(r_h=64, r_a=64, r_i=64), True),
+                   num_hidden_layers=20), dict(r_h=64, r_a=32, r_i=64), True),
     "width": (dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
                    num_hidden_layers=30), dict(r_h=2, r_a=2, r_i=2), False),
     "both": (dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
@@ -72,11 +74,11 @@ def batch(tokens: str, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def fusion_model(setting: str, folder: str):
+def fusion_model(setting: str, folder: str, attention: str = "rope"):
     from lemon_composer.models.fusion_model import LemonFusionModel
     target, rf, frozen_dims = SETTINGS[setting]
     model = LemonFusionModel(source_path=folder, target=target, receptive_field=rf, attn_implementation="sdpa",
-                             source_dtype="float32")
+                             source_dtype="float32", attention_operator=attention)
     if frozen_dims:  # the depth-only ablation trains gamma only (optimizer.disable_grad)
         for name, p in model.named_parameters():
             p.requires_grad_("gamma" in name)
@@ -123,7 +125,7 @@ def worker(job: dict) -> dict:
         reset_peak()
         seconds = timed(step, job["repeat"])
         return {"seconds": seconds, "peak_gib": vm_kib("VmHWM") / 2**20, "step_gib": (vm_kib("VmHWM") - before) / 2**20}
-    model = fusion_model(job["setting"], folder)
+    model = fusion_model(job["setting"], folder, job.get("attention", "rope"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     micro = [batch(job["tokens"], i) for i in range(job.get("micro", 1))]
     fusion_step(model, opt, micro)
@@ -176,6 +178,15 @@ def main() -> None:
                   f"{fused['fusion_alone'] / plain['seconds']:12.2%} {fused['peak_gib']:9.2f} "
                   f"{plain['peak_gib']:9.2f} {fused['peak_gib'] / plain['peak_gib']:10.2f}")
         setting = args.settings.split(",")[-1]
+        common = {"setting": setting, "source": tmp, "tokens": args.tokens, "repeat": args.repeat}
+        by_form = {a: run({**common, "what": "fusion", "attention": a}) for a in ("block", "rope")}
+        print(f"\nattention operator ({setting}): the paper's block form against the RoPE-equivariant one")
+        print(f"{'form':6} {'fusion s':>9} {'step s':>7} {'peak GiB':>9}")
+        for form, r in by_form.items():
+            print(f"{form:6} {r['fusion_alone']:9.2f} {r['seconds']:7.2f} {r['peak_gib']:9.2f}")
+        print(f"{'ratio':6} {by_form['rope']['fusion_alone'] / by_form['block']['fusion_alone']:9.2f} "
+              f"{by_form['rope']['seconds'] / by_form['block']['seconds']:7.2f} "
+              f"{by_form['rope']['peak_gib'] / by_form['block']['peak_gib']:9.2f}")
         common = {"setting": setting, "source": tmp, "tokens": args.micro_tokens, "repeat": args.repeat}
         one = run({**common, "what": "fusion", "micro": 1})
         print(f"\nmicro-batches per optimizer step ({setting}, {args.micro_tokens} each); fusion alone "

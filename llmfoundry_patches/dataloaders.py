@@ -92,19 +92,30 @@ def build_mixture_dataloader(
     num_workers: int = 0,
     prefetch_factor: int | None = 2,
     max_updates: int = 4096,
+    update_delay: int = 32,
     **loader_kwargs: Any,
 ) -> DataSpec:
-    """``lemon_mixture``: a DataLoader over ``DomainMixture`` (checks run before any data is read)."""
+    """``lemon_mixture``: a DataLoader over ``DomainMixture`` (checks run before any data is read).
+
+    ``update_delay``: batches after which new proportions take effect. A fixed number, not derived
+    from the workers, so the stream is the same for any ``num_workers``; it must cover what the
+    DataLoader can have prefetched (``num_workers * prefetch_factor + 1``; 17 in the 7B recipes).
+    """
     manifest = read_manifest(data_dir)
     check_compatible(manifest, tokenizer=tokenizer, max_seq_len=max_seq_len or manifest["seq_len"],
                      data_dir=data_dir)
     if int(device_batch_size) != device_batch_size:
         raise ValueError(f"lemon_mixture: device batch size {device_batch_size} must be a whole number")
     prefetch = prefetch_factor if num_workers > 0 else None
+    prefetched = num_workers * (prefetch or 0) + 1
+    if isinstance(update_delay, bool) or not isinstance(update_delay, int) or update_delay < prefetched:
+        raise ValueError(f"train_loader.update_delay={update_delay!r}: expected an integer of at least "
+                         f"num_workers * prefetch_factor + 1 = {prefetched} batches (what the DataLoader can "
+                         f"have prefetched when new proportions arrive)")
     dataset = DomainMixture(data_dir, device_batch_size=int(device_batch_size), split=split, domains=domains,
                             proportions=proportions, seed=seed, world_size=dist.get_world_size(),
                             rank=dist.get_global_rank(), max_seq_len=max_seq_len, max_updates=max_updates,
-                            update_delay=num_workers * (prefetch or 0) + 1)
+                            update_delay=update_delay)
     loader = DataLoader(dataset, batch_size=int(device_batch_size), num_workers=num_workers,
                         prefetch_factor=prefetch, collate_fn=collate_rows, **loader_kwargs)
     return DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["input_ids"].numel()))

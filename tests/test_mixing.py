@@ -129,3 +129,37 @@ def test_resume_with_another_domain_list_is_refused(mds):
     state = make(mds).state_dict(num_samples=0, from_beginning=True)
     with pytest.raises(ValueError, match=r"resume: the checkpoint's data stream has domains="):
         make(mds, domains=["big", "mid"]).load_state_dict(state)
+
+
+def loader_stream(mds, tokenizer, workers: int, n_batches: int = 16, update_at: int = 3) -> list[tuple[int, tuple]]:
+    """The stream of ``lemon_mixture`` as llm-foundry builds it, with a proportion update at ``update_at``."""
+    from llmfoundry_patches.dataloaders import build_mixture_dataloader
+    spec = build_mixture_dataloader(tokenizer, 8, str(mds), seed=5, num_workers=workers,
+                                    prefetch_factor=2 if workers else None, update_delay=9)
+    out = []
+    for b, batch in enumerate(spec.dataloader):
+        if b == n_batches:
+            break
+        out += [(int(d), tuple(r.tolist())) for d, r in zip(batch["domain"], batch["input_ids"])]
+        if b + 1 == update_at:
+            spec.dataloader.dataset.set_proportions([0.1, 0.1, 0.8], at_batch=b + 1)
+    return out
+
+
+def test_loader_stream_is_the_same_for_0_1_and_4_workers_through_an_update(mds, tiny_tokenizer):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    zero = loader_stream(mds, tok, 0)
+    assert loader_stream(mds, tok, 1) == zero and loader_stream(mds, tok, 4) == zero
+    before, after = zero[:12 * 8], zero[12 * 8:]                        # the update is in force from batch 12
+    share = lambda rows: sum(d == 2 for d, _ in rows) / len(rows)      # noqa: E731  (domain 'tiny')
+    assert share(after) > 0.5 > share(before)
+
+
+def test_update_delay_must_cover_what_the_loader_prefetches(mds, tiny_tokenizer):
+    from transformers import AutoTokenizer
+    from llmfoundry_patches.dataloaders import build_mixture_dataloader
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    with pytest.raises(ValueError, match=r"train_loader.update_delay=5: expected an integer of at least "
+                                         r"num_workers \* prefetch_factor \+ 1 = 9"):
+        build_mixture_dataloader(tok, 8, str(mds), num_workers=4, prefetch_factor=2, update_delay=5)

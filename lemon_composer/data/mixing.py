@@ -76,7 +76,8 @@ class DomainMixture(IterableDataset):
         seed: the stream's seed (the same on every rank).
         device_batch_size, world_size, rank: how global sample indices map onto this rank.
         max_seq_len: truncate rows to this length (default: full rows).
-        update_delay: batches a DataLoader may have prefetched (num_workers * prefetch_factor).
+        update_delay: batches after which new proportions take effect; at least what a DataLoader
+            may have prefetched (num_workers * prefetch_factor + 1), the same for any worker count.
         max_updates: capacity of the shared proportions history.
     """
 

@@ -11,6 +11,7 @@ from llmfoundry import registry
 from lemon_composer.algorithms.fuse_once import FuseOnce
 from lemon_composer.algorithms.fusion_stages import FusionStages
 from lemon_composer.callbacks.dynamic_loading import DynamicLoading
+from lemon_composer.callbacks.finite_guard import FiniteGuard
 from lemon_composer.callbacks.hf_export import HFExport
 from lemon_composer.models.fusion_model import LemonFusionModel
 from llmfoundry_patches.dataloaders import build_domain_text_dataloader, build_mixture_dataloader
@@ -21,7 +22,8 @@ COMPONENTS = {
                            "lemon_mixture": build_mixture_dataloader},
     registry.models: {"lemon_fusion": LemonFusionModel},
     registry.algorithms: {"lemon_fusion_stages": FusionStages, "lemon_fuse_once": FuseOnce},
-    registry.callbacks: {"lemon_hf_export": HFExport, "lemon_dynamic_loading": DynamicLoading},
+    registry.callbacks: {"lemon_hf_export": HFExport, "lemon_dynamic_loading": DynamicLoading,
+                         "lemon_finite_guard": FiniteGuard},
 }
 
 

@@ -1,12 +1,75 @@
-"""Write files and folders so that they appear whole or not at all (temporary name beside them, then rename)."""
+"""Write files and folders so that they appear whole or not at all (temporary name beside them, then rename).
+
+Temporary names carry the writer's pid (``.<name>.tmp-<pid>-<hex>``), so a later start can tell the
+leftovers of a dead writer (SIGKILL, power loss) from a live one's and sweep them (``sweep_stale``).
+"""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import signal
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(out: str | Path) -> None:
+    """Remove what dead writers of ``out`` left beside it; restore ``out`` from a dead writer's backup.
+
+    A writer that died between moving the old ``out`` aside and moving the new one in leaves no
+    ``out`` and a ``.old-`` backup: the backup (the user's previous output) goes back in place.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(?:(\d+)-)?[0-9a-f]{{8}}$")
+    stale = [(m.group(1), path) for path in out.parent.iterdir()
+             if (m := pattern.match(path.name)) and not (m.group(2) and _alive(int(m.group(2))))]
+    for kind, path in sorted(stale, key=lambda kp: kp[0] == "tmp"):     # restore backups before deleting
+        if kind == "old" and not out.exists():
+            path.rename(out)
+            log.warning("restored %s from the backup an interrupted writer left (%s)", out, path.name)
+        else:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            log.warning("removed %s, left by an interrupted writer of %s", path.name, out)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(what: str) -> int:
+    """The CLIs' answer to Ctrl-C or SIGTERM: one line, no traceback, exit code 130."""
+    print(f"interrupted: {what}; nothing half-written was left", file=sys.stderr)
+    return 130
 
 
 @contextlib.contextmanager
@@ -16,16 +79,17 @@ def atomic_folder(out: str | Path, *, overwrite: bool, option: str = "--out") ->
     An existing ``out`` is refused unless ``overwrite``, and is removed only after the new one is in place.
     """
     out = Path(out)
+    sweep_stale(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{option}={out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(out, "tmp")
     try:
         tmp.mkdir()
         yield tmp
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _sibling(out, "old")
             out.rename(old)
         tmp.rename(out)
         if old is not None:
@@ -42,8 +106,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A reader never sees half a file, and an interrupted write leaves the old file (or nothing).
     """
     path = Path(path)
+    sweep_stale(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _sibling(path, "tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -33,7 +33,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lemon_composer.atomic import atomic_folder
+from lemon_composer.atomic import atomic_folder, sweep_stale
 from lemon_composer.data.corpus import (SPLITS, DomainFiles, chunk_offsets, discover, doc_hash,
                                         hash_is_eval, iter_texts)
 from lemon_composer.data.manifest import MANIFEST
@@ -199,6 +199,7 @@ class _RowWriter:
 def prepare(cfg: DataPrepConfig) -> dict:
     """Run data prep; return the manifest. See the module docstring for the layout."""
     # Cheap checks first: folders, tokenizer, options. Then a validation pass over every line.
+    sweep_stale(cfg.out)  # what a killed earlier run left beside --out
     domains = discover(cfg.input, split_by=cfg.split_by, eval_fraction=cfg.eval_fraction)
     tok = load_tokenizer(cfg.tokenizer)
     bos_id, eos_id = special_token_ids(tok, cfg.bos, cfg.eos)
@@ -210,6 +211,10 @@ def prepare(cfg: DataPrepConfig) -> dict:
     eval_hashes = _validate(domains, cfg.num_workers)
     with atomic_folder(cfg.out, overwrite=cfg.overwrite) as tmp:
         counts = _tokenize_and_write(domains, cfg, tok, bos_id, eos_id, dtype, eval_hashes, tmp)
+        if not any(c["train"]["rows"] for c in counts.values()):
+            longest = max(c[split]["tokens"] for c in counts.values() for split in SPLITS)
+            raise ValueError(f"--seq-len={cfg.seq_len}: no domain has a single full train row (the longest "
+                             f"domain split holds {longest} tokens); lower --seq-len or add data")
         tok.save_pretrained(str(tmp / "tokenizer"))
         manifest = {
             "tokenizer": {"source": str(cfg.tokenizer), "class": type(tok).__name__,

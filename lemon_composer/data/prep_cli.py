@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from lemon_composer.atomic import interrupted, sigterm_as_interrupt
 from lemon_composer.data.prep import SPECIAL_TOKEN_MODES, SPLIT_MODES, DataPrepConfig, prepare
 
 
@@ -43,10 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_args(argv)
-        manifest = prepare(cfg)
+        with sigterm_as_interrupt():
+            manifest = prepare(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted("data prep")
     for name, counts in manifest["domains"].items():
         print(f"{name:>16}: train {counts['train']['rows']:>7} rows, eval {counts['eval']['rows']:>6} rows")
     return 0

@@ -6,12 +6,20 @@ plain ``python train.py`` for one process.
 import sys
 
 from llmfoundry.command_utils import train_from_yaml
+from omegaconf import OmegaConf as om
 
 import llmfoundry_patches
+from lemon_composer.run_checks import check_run
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if len(sys.argv) > 1 else 2)
+    cfg = om.to_container(om.merge(om.load(sys.argv[1]), om.from_cli(sys.argv[2:])), resolve=True)
+    try:
+        check_run(cfg)  # before llm-foundry loads any model, tokenizer or data
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     llmfoundry_patches.register()
     train_from_yaml(sys.argv[1], sys.argv[2:])

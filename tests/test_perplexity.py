@@ -84,7 +84,7 @@ def test_cli_prints_a_row_per_domain(mds, model_dir, capsys):
 
 def test_model_vocab_must_cover_the_data_tokenizer(mds, tiny_tokenizer, tmp_path):
     small = save_model(tmp_path / "small", len(AutoTokenizer.from_pretrained(str(tiny_tokenizer))) - 1)
-    with pytest.raises(ValueError, match=r"--model=.*vocab_size \d+ does not cover the tokenizer"):
+    with pytest.raises(ValueError, match=r"--data=.*\(400 tokens\), more than --model=.*small has \(399\)"):
         domain_perplexity(small, mds)
 
 

@@ -52,4 +52,35 @@ def check_compatible(manifest: dict, *, tokenizer: PreTrainedTokenizerBase, max_
     if fp != manifest["tokenizer"]["fingerprint"]:
         raise ValueError(f"tokenizer: its vocabulary (fingerprint {fp}) differs from the one {data_dir} "
                          f"was made with ({manifest['tokenizer']['source']}, "
-                         f"{manifest['tokenizer']['fingerprint']}); use tokenizer.name={data_dir}/tokenizer")
+                         f"{manifest['tokenizer']['fingerprint']}); tokenizer.name, the data and the model "
+                         f"must all share the model's tokenizer")
+
+
+def check_data_matches_model(manifest: dict, data_dir: str | Path, model_dir: str | Path, *,
+                             data_key: str, model_key: str, trained: bool = True,
+                             vocab_size: int | None = None) -> None:
+    """The rows' token ids must mean what the model was trained on, whatever tokenizer a run names.
+
+    Compared with the tokenizer saved beside a trained model when there is one (vocabulary
+    fingerprint), and always with the model's ``vocab_size`` (``vocab_size`` overrides config.json,
+    as llm-foundry's ``config_overrides`` do for a model trained from scratch, ``trained=False``).
+    Reads only small files: config.json and the tokenizer's.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    data_tok = manifest["tokenizer"]
+    try:
+        model_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)) \
+            if trained else None
+    except Exception:  # noqa: BLE001 - no tokenizer beside the model: fall back to its vocab_size
+        model_fp = None
+    if model_fp is not None and model_fp != data_tok["fingerprint"]:
+        raise ValueError(f"{data_key}={data_dir}: made with the tokenizer {data_tok['source']} (vocabulary "
+                         f"{data_tok['fingerprint']}, {data_tok['vocab_size']} tokens), but {model_key}={model_dir} "
+                         f"uses another one ({model_fp}); prepare the data with the model's tokenizer "
+                         f"(data prep --tokenizer {model_dir})")
+    vocab = vocab_size or AutoConfig.from_pretrained(str(model_dir), local_files_only=True).vocab_size
+    if data_tok["vocab_size"] > vocab:
+        raise ValueError(f"{data_key}={data_dir}: made with the tokenizer {data_tok['source']} "
+                         f"({data_tok['vocab_size']} tokens), more than {model_key}={model_dir} has "
+                         f"({vocab}); prepare the data with the model's tokenizer")

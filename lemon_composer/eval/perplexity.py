@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from streaming import LocalDataset
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from lemon_composer.data.manifest import domain_dirs, read_manifest
+from lemon_composer.data.manifest import check_data_matches_model, domain_dirs, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ def domain_perplexity(model_dir: str | Path, data_dir: str | Path, *, split: str
     dirs = domain_dirs(data_dir, split, None, key="--data")
     cfg = model_config(model_dir)
     dev = torch_device(device)
-    data_vocab = manifest["tokenizer"]["vocab_size"]
-    if data_vocab > cfg.vocab_size:
-        raise ValueError(f"--model={model_dir}: vocab_size {cfg.vocab_size} does not cover the tokenizer "
-                         f"{data_dir} was made with ({manifest['tokenizer']['source']}, {data_vocab} tokens)")
+    check_data_matches_model(manifest, data_dir, model_dir, data_key="--data", model_key="--model")
     seq_len = manifest["seq_len"] if seq_len is None else seq_len
     if not 2 <= seq_len <= manifest["seq_len"]:
         raise ValueError(f"--seq-len={seq_len}: must lie in [2, {manifest['seq_len']}] (the rows of {data_dir})")

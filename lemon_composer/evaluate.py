@@ -16,6 +16,7 @@ import difflib
 import json
 import logging
 import random
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from lemon_composer.atomic import atomic_write_text
+from lemon_composer.cli import run_cli
 from lemon_composer.eval.bigbench_local import write_tasks
 from lemon_composer.eval.perplexity import model_config, torch_device
 from lemon_composer.eval.suite import AVERAGE_COLUMN, SUITE, suite_names, suite_task
@@ -168,8 +170,8 @@ def write_json(summary: dict, out: Path) -> None:
     atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``lemon-eval`` / ``python -m lemon_composer.evaluate``."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lemon-eval`` / ``python -m lemon_composer.evaluate``; exit 2 with one line for a user error."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported HF folder (config.json, weights, tokenizer)")
     parser.add_argument("--tasks", nargs="+", default=None,
@@ -181,13 +183,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None, help="override every task's shot count")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = evaluate(args.model, args.tasks, batch_size=args.batch_size, device=args.device,
-                       limit=args.limit, num_fewshot=args.num_fewshot)
-    print(format_table(summary))
-    if args.out is not None:
-        write_json(summary, args.out)
-        log.info("evaluate: results written to %s", args.out)
+
+    def body() -> None:
+        if args.out is not None:
+            check_writable(args.out)  # before the evaluation, not after it
+        summary = evaluate(args.model, args.tasks, batch_size=args.batch_size, device=args.device,
+                           limit=args.limit, num_fewshot=args.num_fewshot)
+        print(format_table(summary))
+        if args.out is not None:
+            write_json(summary, args.out)
+            log.info("evaluate: results written to %s", args.out)
+    return run_cli("evaluation", body)
+
+
+def check_writable(out: Path) -> None:
+    """``--out`` can be written: its folder exists (or can be made) and takes a file."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out={out}: cannot be written ({err.strerror})") from None
+    if out.is_dir():
+        raise ValueError(f"--out={out}: is a folder; expected a JSON file path")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -153,15 +153,21 @@ def export_baseline(source: str, init: str, target: dict[str, int], out: str | P
                            provenance={**fusion_provenance(model, 0), "kind": f"baseline:{init}"})
 
 
-def _parse_target(text: str) -> dict[str, int]:
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads")
+def _parse_ints(text: str, count: int, flag: str, names: str) -> list[int]:
+    """``count`` comma-separated positive integers, or a ValueError naming the flag."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if not 4 <= len(values) <= 5:
-        raise ValueError(f"--target={text}: expected hidden,ffn,heads,layers[,kv_heads] as integers")
-    return dict(zip(keys, values))
+    if len(values) != count or min(values) < 1:
+        raise ValueError(f"{flag}={text}: expected {names} as {count} positive integers")
+    return values
+
+
+def _parse_target(text: str) -> dict[str, int]:
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads")
+    count = 5 if text.count(",") == 4 else 4
+    return dict(zip(keys, _parse_ints(text, count, "--target", "hidden,ffn,heads,layers[,kv_heads]")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if a.target is None:
                     raise ValueError("--source needs --target hidden,ffn,heads,layers[,kv_heads]")
-                r_h, r_a, r_i = (int(v) for v in a.receptive_field.split(","))
+                r_h, r_a, r_i = _parse_ints(a.receptive_field, 3, "--receptive-field", "r_h,r_a,r_i")
                 calibration = {"data_dir": a.calibration_data} if a.calibration_data else None
                 out = export_baseline(a.source, a.init, _parse_target(a.target), a.out, dtype=a.dtype,
                                       overwrite=a.overwrite, receptive_field={"r_h": r_h, "r_a": r_a, "r_i": r_i},

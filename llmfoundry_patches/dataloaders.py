@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lemon_composer.data.manifest import check_compatible, domain_dirs, read_manifest
-from lemon_composer.data.mixing import DomainMixture, collate_rows
+from lemon_composer.data.mixing import DomainMixture, check_proportions, collate_rows
 
 
 def build_domain_text_dataloader(
@@ -68,9 +68,8 @@ def build_domain_text_dataloader(
     if "max_seq_len" not in dataset:
         raise ValueError("lemon_domains: dataset.max_seq_len is required")
     check_compatible(manifest, tokenizer=tokenizer, max_seq_len=dataset["max_seq_len"], data_dir=data_dir)
-    if proportions is not None and len(proportions) != len(dirs):
-        raise ValueError(f"proportions={list(proportions)}: expected {len(dirs)} values, one per domain "
-                         f"{list(dirs)}")
+    if proportions is not None:
+        check_proportions(proportions, list(dirs), key="train_loader.proportions")
     streams = {}
     for i, (name, path) in enumerate(dirs.items()):
         streams[name] = {"local": str(path), "split": None}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -89,25 +90,37 @@ def test_parse_tasks_orders_as_table2_and_expands_local_folders(tmp_path):
 
 # ---- argument errors, all before the model loads -----------------------------------------------
 
-def test_unknown_task_is_rejected_with_near_matches(tmp_path):
-    with pytest.raises(ValueError, match=r"--tasks: unknown task 'arc_chalenge' \(did you mean arc_challenge"):
-        evaluate.main(["--model", str(tmp_path / "no-model"), "--tasks", "sciq", "arc_chalenge"])
+def fails(argv: list[str], capsys, match: str) -> None:
+    """``lemon-eval`` exits 2 with one line naming the flag, no traceback."""
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err, err
+
+
+def test_unknown_task_is_rejected_with_near_matches(tmp_path, capsys):
+    fails(["--model", str(tmp_path / "no-model"), "--tasks", "sciq", "arc_chalenge"], capsys,
+          r"error: --tasks: unknown task 'arc_chalenge' \(did you mean arc_challenge")
     with pytest.raises(ValueError, match=r"unknown task 'hellaswg' \(did you mean hellaswag.*; known: arc_c, "):
         evaluate.parse_tasks(["hellaswg"])
 
 
-def test_model_folder_needs_config_and_tokenizer(model_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"--model=.*: no config\.json there"):
-        evaluate.main(["--model", str(tmp_path), "--tasks", "sciq"])
+def test_model_folder_needs_config_and_tokenizer(model_dir, tmp_path, capsys):
+    fails(["--model", str(tmp_path), "--tasks", "sciq"], capsys, r"--model=.*: no config\.json there")
     (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
-    with pytest.raises(ValueError, match=r"--model=.*: no tokenizer files there"):
-        evaluate.main(["--model", str(tmp_path), "--tasks", "sciq"])
+    fails(["--model", str(tmp_path), "--tasks", "sciq"], capsys, r"--model=.*: no tokenizer files there")
 
 
-def test_cuda_without_cuda_is_an_error(model_dir, monkeypatch):
+def test_cuda_without_cuda_is_an_error(model_dir, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same check on GPU machines too
-    with pytest.raises(ValueError, match=r"--device=cuda: CUDA is not available"):
-        evaluate.main(["--model", str(model_dir), "--tasks", "sciq", "--device", "cuda"])
+    fails(["--model", str(model_dir), "--tasks", "sciq", "--device", "cuda"], capsys, r"--device=cuda: CUDA is not available")
+
+
+def test_unwritable_out_is_found_before_the_evaluation(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fails(["--model", str(model_dir), "--tasks", "sciq", "--out", str(blocker / "results.json")], capsys,
+          r"error: --out=.*results.json: cannot be written")
 
 
 # ---- BIG-bench task.json -> lm-eval task --------------------------------------------------------

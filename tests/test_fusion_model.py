@@ -132,6 +132,9 @@ def test_checkpoint_state_holds_operators_and_a_source_reference(source_dir, tmp
     ({"fusion_parallel": "tensor"}, r"model.fusion_parallel=tensor: expected one of \('replicated', 'sharded'\)"),
     ({"loss_chunk_tokens": 0}, r"model.loss_chunk_tokens=0: expected a positive integer"),
     ({"activation_checkpointing": "yes"}, r"model.activation_checkpointing='yes': expected true or false"),
+    ({"target": dict(TARGET, hidden_size="abc")}, r"model.target.hidden_size='abc': expected an integer"),
+    ({"receptive_field": dict(r_h=1.5)}, r"model.receptive_field.r_h=1.5: expected an integer"),
+    ({"receptive_field": [2, 2, 2]}, r"model.receptive_field=\[2, 2, 2\]: expected a mapping of"),
 ])
 def test_bad_config_fails_before_weights_load(tmp_path, override, match):
     # a folder with only config.json: any attempt to read weights would fail differently

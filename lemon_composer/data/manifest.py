@@ -18,7 +18,29 @@ def read_manifest(data_dir: str | Path, *, key: str = "data_dir") -> dict:
     if not path.is_file():
         raise ValueError(f"{key}={data_dir}: no {MANIFEST} there (expected the --out folder of "
                          f"data_prep/jsonl_to_mds.py)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{key}={data_dir}: {path} is damaged ({err}); prepare the data again") from None
+
+
+def check_shards(folder: Path, *, domain: str, key: str, data_dir: str | Path) -> None:
+    """Every shard MDS's index lists is there at its full size: a truncated copy is found at start-up,
+    not as an IndexError in the middle of training."""
+    index = folder / "index.json"
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(f"{key}={data_dir}: domain '{domain}': {index} is damaged ({err!r}); prepare the data "
+                         f"again") from None
+    for shard in shards:
+        raw = shard["raw_data"]
+        path = folder / raw["basename"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != raw["bytes"]:
+            raise ValueError(f"{key}={data_dir}: domain '{domain}': shard {path} is "
+                             f"{'missing' if size is None else f'{size} bytes'}, its index says {raw['bytes']} "
+                             f"(a truncated or partial copy); copy or prepare the data again")
 
 
 def domain_dirs(data_dir: str | Path, split: str, domains: list[str] | None, *,
@@ -36,6 +58,7 @@ def domain_dirs(data_dir: str | Path, split: str, domains: list[str] | None, *,
     for d, path in dirs.items():
         if not (path / "index.json").is_file():
             raise ValueError(f"{key}={data_dir}: domain '{d}' has no {split} shards at {path}")
+        check_shards(path, domain=d, key=key, data_dir=data_dir)
         if manifest["domains"][d][split]["rows"] == 0:
             raise ValueError(f"{key}={data_dir}: domain '{d}' has no {split} rows of "
                              f"{manifest['seq_len']} tokens; prepare it with a smaller --seq-len")

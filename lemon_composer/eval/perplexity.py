@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from streaming import LocalDataset
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from lemon_composer.cli import run_cli
 from lemon_composer.data.manifest import check_data_matches_model, domain_dirs, read_manifest
 
 log = logging.getLogger(__name__)
@@ -107,8 +109,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m lemon_composer.eval.perplexity``: print the per-domain table."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lemon_composer.eval.perplexity``: print the per-domain table (exit 2 on a user error)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model folder (config.json, weights)")
     parser.add_argument("--data", required=True, help="data prep output folder (manifest.json, <split>/<domain>)")
@@ -119,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = domain_perplexity(args.model, args.data, split=args.split, max_rows=args.max_rows,
-                                batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
-    print(format_table(results))
+    return run_cli("perplexity", lambda: print(format_table(domain_perplexity(
+        args.model, args.data, split=args.split, max_rows=args.max_rows, batch_size=args.batch_size,
+        seq_len=args.seq_len, device=args.device))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,6 +22,10 @@ class CalibrationConfig:
     seq_len: int | None = None  # default: the rows' full length
 
 
+def allowed_keys(kind: type) -> set[str]:
+    return {f.name for f in fields(kind)}
+
+
 @dataclass
 class FuseConfig:
     """Keys of ``model:`` for ``name: lemon_fusion`` (Sec. 3, Eq. 4, Table 1).
@@ -82,11 +86,17 @@ class FuseConfig:
         for key, kind in sub.items():
             value = cfg.get(key)
             if isinstance(value, dict):
-                allowed = {f.name for f in fields(kind)}
+                allowed = allowed_keys(kind)
                 bad = sorted(set(value) - allowed)
                 if bad:
                     raise ValueError(f"model.{key}: unknown keys {bad}; accepted: {sorted(allowed)}")
+                integer = {f.name for f in fields(kind) if str(f.type).startswith("int")}
+                for name, v in value.items():
+                    if name in integer and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                        raise ValueError(f"model.{key}.{name}={v!r}: expected an integer")
                 cfg[key] = kind(**value)
+            elif value is not None and not isinstance(value, kind):
+                raise ValueError(f"model.{key}={value!r}: expected a mapping of {sorted(allowed_keys(kind))}")
         return cls(**cfg)
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lemon_composer.cli import run_cli
 from lemon_composer.fusion.plan import FusionPlan, LlamaSizes, ReceptiveFields, TargetShape
 from lemon_composer.sources.load import read_source_config
 
@@ -113,6 +115,8 @@ def cpt_model_config(cfg: dict[str, Any], name_or_path: str | None = None) -> tu
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The yaml with ``key=value`` overrides applied and ``${...}`` resolved."""
+    if not Path(path).is_file():
+        raise ValueError(f"yaml={path}: no such file")
     cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -494,7 +498,12 @@ def report(est: Estimate, limit_gib: float) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The planner's command line: the table, or one line and exit 2 for a user error."""
+    return run_cli("planner", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(prog="python -m lemon_composer.planner", description=__doc__.splitlines()[0])
     p.add_argument("yaml")
     p.add_argument("overrides", nargs="*", help="key=value yaml overrides")
@@ -539,4 +548,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

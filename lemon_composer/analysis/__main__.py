@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             written = [run_curves(a.log, a.out, metric=a.metric, title=a.title)]
     except ValueError as err:
-        log.error("error: %s", err)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     log.info("wrote %d files under %s", len(written), a.out)
     return 0

@@ -98,11 +98,19 @@ class AblationConfig:
         read_manifest(self.data_dir, key="data_dir")
         if self.mc_tasks is not None and not Path(self.mc_tasks).is_dir():
             raise ValueError(f"mc_tasks={self.mc_tasks}: no such folder of BIG-bench task.json files")
-        if self.fusion_steps < 1 or self.cpt_steps < 0:
-            raise ValueError(f"fusion_steps={self.fusion_steps} must be >= 1 and cpt_steps={self.cpt_steps} >= 0")
 
     def _check_run_keys(self) -> None:
-        """Inits, sweep and model overrides: each bad value named with its key before anything loads."""
+        """Numbers, inits, sweep and model overrides: each bad value named with its key before anything loads."""
+        for key, least, optional in (("fusion_steps", 1, False), ("cpt_steps", 0, False), ("seq_len", 2, False),
+                                     ("batch_size", 1, False), ("eval_max_rows", 1, True), ("mc_limit", 1, True)):
+            value = getattr(self, key)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{key}={value!r}: expected an integer >= {least}{' or null' if optional else ''}")
+        for key in ("lr_dims", "lr_gamma", "cpt_lr"):
+            if not _positive(getattr(self, key)):
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected a positive number")
         for key in ("baselines", "lemon_inits"):
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or any(i not in INITS for i in value):

@@ -92,6 +92,10 @@ CASES = [  # (entry point, arguments, message fragment)
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "source_path={root}/nowhere"], "source_path="),
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "source_path={model}", "data_dir={mds}",
                   "setting=sideways"], "setting=sideways: expected one of"),
+    ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "fusion_steps=abc"],
+     "fusion_steps='abc': expected an integer >= 1"),
+    ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "batch_size=0"], "batch_size=0: expected an integer >= 1"),
+    ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "lr_gamma=-1"], "lr_gamma=-1: expected a positive number"),
     ("analysis", ["cka", "--model", "{root}/nowhere", "--out", "{root}/cka"], "--model="),
     ("analysis", ["operators", "--checkpoint", "{root}/none.pt", "--out", "{root}/ops"], "--checkpoint="),
 ]

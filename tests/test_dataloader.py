@@ -78,5 +78,5 @@ def test_bad_config_is_named(tok, mds, kw, match):
 def test_tokenizer_mismatch_is_named(mds):
     other = AutoTokenizer.from_pretrained(str(mds / "tokenizer"))
     other.add_tokens(["<extra>"])
-    with pytest.raises(ValueError, match=r"tokenizer: its vocabulary .* differs .* use tokenizer.name="):
+    with pytest.raises(ValueError, match=r"tokenizer: its vocabulary .* differs .* tokenizer.name, the data and the model must all share"):
         build(other, mds)

@@ -10,8 +10,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,24 +50,6 @@ def sweep_stale(out: str | Path) -> None:
         else:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             log.warning("removed %s, left by an interrupted writer of %s", path.name, out)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def interrupted(what: str) -> int:
-    """The CLIs' answer to Ctrl-C or SIGTERM: one line, no traceback, exit code 130."""
-    print(f"interrupted: {what}; nothing half-written was left", file=sys.stderr)
-    return 130
 
 
 @contextlib.contextmanager

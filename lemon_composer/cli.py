@@ -1,14 +1,26 @@
 """What every command line of ours does with a user error or an interrupt: one line, an exit code, no traceback."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from lemon_composer.atomic import interrupted, sigterm_as_interrupt
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli(name: str, body: Callable[[], object]) -> int:
-    """Run ``body``; a ValueError is a user error (exit 2), Ctrl-C / SIGTERM an interrupt (exit 130)."""
+    """Run ``body``; a ValueError is a user error (exit 2), Ctrl-C / SIGTERM an interrupt (exit 130, one line)."""
     try:
         with sigterm_as_interrupt():
             body()
@@ -16,5 +28,6 @@ def run_cli(name: str, body: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return interrupted(name)
+        print(f"interrupted: {name}; nothing half-written was left", file=sys.stderr)
+        return 130
     return 0

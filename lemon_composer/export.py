@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from lemon_composer.atomic import atomic_folder, interrupted, sigterm_as_interrupt, sweep_stale
+from lemon_composer.atomic import atomic_folder
+from lemon_composer.cli import run_cli
 from lemon_composer.sources.load import DTYPES
 
 log = logging.getLogger(__name__)
@@ -185,29 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sweep_stale(a.out)  # what a killed earlier export left beside --out
-    try:
-        with sigterm_as_interrupt():
-            if (a.checkpoint is None) == (a.source is None):
-                raise ValueError("give exactly one of --checkpoint or --source")
-            if a.checkpoint:
-                out = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, overwrite=a.overwrite,
-                                        source_path=a.source_path)
-            else:
-                if a.target is None:
-                    raise ValueError("--source needs --target hidden,ffn,heads,layers[,kv_heads]")
-                r_h, r_a, r_i = _parse_ints(a.receptive_field, 3, "--receptive-field", "r_h,r_a,r_i")
-                calibration = {"data_dir": a.calibration_data} if a.calibration_data else None
-                out = export_baseline(a.source, a.init, _parse_target(a.target), a.out, dtype=a.dtype,
-                                      overwrite=a.overwrite, receptive_field={"r_h": r_h, "r_a": r_a, "r_i": r_i},
-                                      calibration=calibration)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return interrupted("export")
-    print(out)
-    return 0
+
+    def body() -> None:
+        if (a.checkpoint is None) == (a.source is None):
+            raise ValueError("give exactly one of --checkpoint or --source")
+        if a.checkpoint:
+            out = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, overwrite=a.overwrite,
+                                    source_path=a.source_path)
+        else:
+            if a.target is None:
+                raise ValueError("--source needs --target hidden,ffn,heads,layers[,kv_heads]")
+            r_h, r_a, r_i = _parse_ints(a.receptive_field, 3, "--receptive-field", "r_h,r_a,r_i")
+            calibration = {"data_dir": a.calibration_data} if a.calibration_data else None
+            out = export_baseline(a.source, a.init, _parse_target(a.target), a.out, dtype=a.dtype,
+                                  overwrite=a.overwrite, receptive_field={"r_h": r_h, "r_a": r_a, "r_i": r_i},
+                                  calibration=calibration)
+        print(out)
+    return run_cli("export", body)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ def materialise_optimizer_state(optimizer: Optimizer) -> None:
     if not missing:
         return
     grads, lrs = [p.grad for p in params], [g["lr"] for g in optimizer.param_groups]
+    missing_ids = {id(p) for p in missing}
     for p in params:
-        p.grad = torch.zeros_like(p) if any(p is m for m in missing) else None
+        p.grad = torch.zeros_like(p) if id(p) in missing_ids else None
     for g in optimizer.param_groups:
         g["lr"] = 0.0
     optimizer.step()

@@ -33,7 +33,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lemon_composer.atomic import atomic_folder, sweep_stale
+from lemon_composer.atomic import atomic_folder
 from lemon_composer.data.corpus import (SPLITS, DomainFiles, chunk_offsets, discover, doc_hash,
                                         hash_is_eval, iter_texts)
 from lemon_composer.data.manifest import MANIFEST
@@ -199,7 +199,6 @@ class _RowWriter:
 def prepare(cfg: DataPrepConfig) -> dict:
     """Run data prep; return the manifest. See the module docstring for the layout."""
     # Cheap checks first: folders, tokenizer, options. Then a validation pass over every line.
-    sweep_stale(cfg.out)  # what a killed earlier run left beside --out
     domains = discover(cfg.input, split_by=cfg.split_by, eval_fraction=cfg.eval_fraction)
     tok = load_tokenizer(cfg.tokenizer)
     bos_id, eos_id = special_token_ids(tok, cfg.bos, cfg.eos)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from lemon_composer.atomic import interrupted, sigterm_as_interrupt
+from lemon_composer.cli import run_cli
 from lemon_composer.data.prep import SPECIAL_TOKEN_MODES, SPLIT_MODES, DataPrepConfig, prepare
 
 
@@ -42,15 +41,9 @@ def parse_args(argv: list[str] | None = None) -> DataPrepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_args(argv)
-        with sigterm_as_interrupt():
-            manifest = prepare(cfg)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return interrupted("data prep")
-    for name, counts in manifest["domains"].items():
-        print(f"{name:>16}: train {counts['train']['rows']:>7} rows, eval {counts['eval']['rows']:>6} rows")
-    return 0
+
+    def body() -> None:
+        manifest = prepare(parse_args(argv))
+        for name, counts in manifest["domains"].items():
+            print(f"{name:>16}: train {counts['train']['rows']:>7} rows, eval {counts['eval']['rows']:>6} rows")
+    return run_cli("data prep", body)

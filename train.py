@@ -1,15 +1,17 @@
 """``composer train.py <yaml> [key=value ...]``: register the plugin, hand over to llm-foundry.
 
 Runs under Composer's launcher (``composer -n 8 train.py ...``, multi-node flags included) or
-plain ``python train.py`` for one process.
+plain ``python train.py`` for one process. FSDP yamls run on CPU ranks too (``fsdp_backend``).
 """
 import sys
 from pathlib import Path
 
+import torch
 from llmfoundry.command_utils import train_from_yaml
 from omegaconf import OmegaConf as om
 
 import llmfoundry_patches
+from lemon_composer.fsdp_backend import select_fsdp_version
 from lemon_composer.run_checks import check_run
 
 if __name__ == "__main__":
@@ -19,7 +21,10 @@ if __name__ == "__main__":
     try:
         if not Path(sys.argv[1]).is_file():
             raise ValueError(f"{sys.argv[1]}: no such yaml file")
-        check_run(om.to_container(om.merge(om.load(sys.argv[1]), om.from_cli(sys.argv[2:])), resolve=True))
+        cfg = om.to_container(om.merge(om.load(sys.argv[1]), om.from_cli(sys.argv[2:])), resolve=True)
+        check_run(cfg)
+        if select_fsdp_version(cfg, cuda=torch.cuda.is_available()):
+            print("fsdp_config without CUDA: Composer's FSDP2 on gloo (FSDP_VERSION=2)", file=sys.stderr)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

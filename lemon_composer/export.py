@@ -2,9 +2,11 @@
 
     lemon-export --checkpoint runs/fuse/checkpoints/latest-rank0.pt --out exported/lemon-1.3b
     lemon-export --checkpoint <hf_causal_lm (CPT) checkpoint> --out exported/lemon-1.3b-cpt --dtype bf16
+    lemon-export --checkpoint runs/cpt/checkpoints/ep0-ba5000 --out exported/lemon-1.3b-cpt   # FSDP sharded
     lemon-export --source /models/Llama-2-7b-hf --init cut --target 2048,5504,16,24 --out exported/cut-1.3b
 
-Sources of weights:
+Checkpoints are one file or a sharded (FSDP ``state_dict_type: sharded``) folder, read weights-only
+(``checkpoints.read_checkpoint``). Sources of weights:
 - a fusion checkpoint (``lemon_fusion``): the operators are applied to the source they were learned
   on (path and fingerprint are in the checkpoint) to materialise the fused weights;
 - an llm-foundry ``hf_causal_lm`` checkpoint (continued pre-training): its weights and HF config;
@@ -29,6 +31,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lemon_composer.atomic import atomic_folder
+from lemon_composer.checkpoints import read_checkpoint
 from lemon_composer.cli import run_cli
 from lemon_composer.sources.load import DTYPES
 
@@ -86,18 +89,6 @@ def fusion_provenance(fusion_model: Any, step: int | None) -> dict[str, Any]:
             "config": extra["config"], "checkpoint_step": step}
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"--checkpoint={path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"--checkpoint={path}: not a loadable Composer checkpoint ({err})") from err
-    if not isinstance(ckpt, dict) or "state" not in ckpt or "model" not in ckpt.get("state", {}):
-        raise ValueError(f"--checkpoint={path}: not a Composer checkpoint (no state.model)")
-    return ckpt
-
-
 def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
@@ -108,7 +99,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     from lemon_composer.models.fusion_model import LemonFusionModel
 
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     state = strip_prefix(ckpt["state"]["model"], "module.")  # DDP-wrapped saves
     step = ckpt["state"].get("timestamp", {}).get("Timestamp", {}).get("batch")
     extra = state.get("_extra_state")
@@ -175,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Export a checkpoint or a training-free baseline to a "
                                             "Hugging Face LlamaForCausalLM folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", help="a Composer checkpoint (fusion or hf_causal_lm)")
+    p.add_argument("--checkpoint", help="a Composer checkpoint (fusion or hf_causal_lm): a .pt file or a sharded folder")
     p.add_argument("--source", help="a source HF folder, to export a baseline (with --init and --target)")
     p.add_argument("--init", default="cut", help="baseline: cut, random, avg, prune (with --calibration-data)")
     p.add_argument("--target", help="baseline: hidden,ffn,heads,layers[,kv_heads]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -19,20 +20,24 @@ from test_train_launcher import launch, train_losses
 YAML = REPO / "yamls" / "cpt" / "smollm2_cpu.yaml"
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("cpt")
+def cpt_inputs(root: Path, tokenizer: Path) -> list[str]:
+    """Two domains of rows of 32 tokens and a tiny LLaMA with its tokenizer under ``root``; the yaml overrides."""
     rng = random.Random(2)
     for domain, code in (("code", True), ("docs", False)):
         for part in range(3):
             write_jsonl(root / "corpus" / domain / f"p{part}.jsonl", random_docs(rng, 80, code=code))
-    prepare(DataPrepConfig(input=root / "corpus", out=root / "mds", tokenizer=str(tiny_tokenizer),
+    prepare(DataPrepConfig(input=root / "corpus", out=root / "mds", tokenizer=str(tokenizer),
                            seq_len=32, num_workers=1, eval_fraction=0.34))
-    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
     tiny_source(tiny_config(vocab=len(tok), hidden=64, ffn=128)).save_pretrained(str(root / "model"))
     tok.save_pretrained(str(root / "model"))
-    common = [f"variables.model_path={root / 'model'}", f"variables.data_dir={root / 'mds'}",
-              "variables.seq_len=32", "max_duration=12ba", "eval_interval=4ba", "optimizer.lr=3.0e-3"]
+    return [f"variables.model_path={root / 'model'}", f"variables.data_dir={root / 'mds'}", "variables.seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("cpt")
+    common = [*cpt_inputs(root, tiny_tokenizer), "max_duration=12ba", "eval_interval=4ba", "optimizer.lr=3.0e-3"]
     full = launch(YAML, *common, f"save_folder={root / 'ck'}", "save_interval=6ba")
     resumed = launch(YAML, *common, f"load_path={root / 'ck' / 'ep0-ba6-rank0.pt'}", "eval_first=false",
                      f"save_folder={root / 'ck2'}", "save_interval=6ba")

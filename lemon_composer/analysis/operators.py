@@ -13,7 +13,8 @@ from pathlib import Path
 from torch import Tensor
 
 from lemon_composer.analysis.plots import heatmap
-from lemon_composer.export import load_checkpoint, strip_prefix
+from lemon_composer.checkpoints import read_checkpoint
+from lemon_composer.export import strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def load_operators(checkpoint_path: str | Path) -> dict[str, Tensor]:
         ValueError: the file is missing, not a Composer checkpoint, or not a fusion checkpoint.
     """
     path = Path(checkpoint_path)
-    state = strip_prefix(load_checkpoint(path)["state"]["model"], "module.")  # DDP-wrapped saves
+    state = strip_prefix(read_checkpoint(path)["state"]["model"], "module.")  # DDP-wrapped saves
     extra = state.get("_extra_state")
     ops = {k[len(PREFIX):]: v.detach().float().cpu() for k, v in state.items() if k.startswith(PREFIX)}
     if not isinstance(extra, dict) or "plan" not in extra or "B_emb" not in ops or not any(

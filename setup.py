@@ -37,7 +37,8 @@ setup(
     entry_points={
         "llmfoundry_dataloaders": ["lemon_domains = llmfoundry_patches.dataloaders:build_domain_text_dataloader",
                                    "lemon_mixture = llmfoundry_patches.dataloaders:build_mixture_dataloader"],
-        "llmfoundry_models": ["lemon_fusion = lemon_composer.models.fusion_model:LemonFusionModel"],
+        "llmfoundry_models": ["lemon_fusion = lemon_composer.models.fusion_model:LemonFusionModel",
+                              "lemon_prune = lemon_composer.pruning.model:LemonPruneModel"],
         "llmfoundry_algorithms": ["lemon_fusion_stages = lemon_composer.algorithms.fusion_stages:FusionStages",
                                   "lemon_fuse_once = lemon_composer.algorithms.fuse_once:FuseOnce"],
         "llmfoundry_callbacks": ["lemon_hf_export = lemon_composer.callbacks.hf_export:HFExport",

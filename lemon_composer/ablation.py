@@ -36,6 +36,8 @@ from lemon_composer.analysis.curves import read_eval_curve
 from lemon_composer.analysis.operators import operator_figures
 from lemon_composer.analysis.plots import training_curves
 from lemon_composer.atomic import atomic_write_text
+from lemon_composer.cli import run_cli
+from lemon_composer.config_types import check_arguments
 from lemon_composer.data.manifest import read_manifest
 from lemon_composer.eval.perplexity import domain_perplexity
 from lemon_composer.export import export_baseline, export_checkpoint
@@ -328,15 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        y = om.merge(om.load(a.config), om.from_cli(a.overrides))
-        cfg = AblationConfig(**om.to_container(y, resolve=True))
-        results = run(cfg)
-    except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(results, f"{cfg.setting} ablation"))
-    return 0
+
+    def body() -> None:
+        if not Path(a.config).is_file():
+            raise ValueError(f"{a.config}: no such yaml file")
+        values = om.to_container(om.merge(om.load(a.config), om.from_cli(a.overrides)), resolve=True)
+        check_arguments(AblationConfig, values, "")
+        cfg = AblationConfig(**values)
+        print(markdown_table(run(cfg), f"{cfg.setting} ablation"))
+    return run_cli("ablation", body)
 
 
 if __name__ == "__main__":

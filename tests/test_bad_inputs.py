@@ -92,8 +92,11 @@ CASES = [  # (entry point, arguments, message fragment)
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "source_path={root}/nowhere"], "source_path="),
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "source_path={model}", "data_dir={mds}",
                   "setting=sideways"], "setting=sideways: expected one of"),
+    ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "fusion_step=3"], "unknown keys ['fusion_step']"),
+    ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "lr_sweep=[a]"], "lr_sweep=['a']: expected a list of numbers"),
+    ("ablation", [str(REPO / "yamls/ablation/smollm2_deep.yaml")], "smollm2_deep.yaml: no such yaml file"),
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "fusion_steps=abc"],
-     "fusion_steps='abc': expected an integer >= 1"),
+     "fusion_steps='abc': expected an integer"),
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "batch_size=0"], "batch_size=0: expected an integer >= 1"),
     ("ablation", [str(REPO / "yamls/ablation/smollm2_depth.yaml"), "lr_gamma=-1"], "lr_gamma=-1: expected a positive number"),
     ("analysis", ["cka", "--model", "{root}/nowhere", "--out", "{root}/cka"], "--model="),
@@ -125,12 +128,30 @@ def test_malformed_input_is_named_before_expensive_work(world, nothing_expensive
     assert fill([fragment], world)[0] in err, err
 
 
+TARGET = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "num_hidden_layers": 2}
+FUSION = {"name": "lemon_fusion", "source_path": "{model}", "target": TARGET}
 TRAIN_CASES = [  # composer train.py: the resolved config, checked before llm-foundry loads anything
     ({"model": {"name": "lemon_fusion", "source_path": "{root}/nowhere"}}, "model.source_path='{root}/nowhere'"),
     ({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "{model}"},
       "train_loader": {"name": "lemon_mixture", "data_dir": "{root}/nowhere"}}, "train_loader.data_dir={root}/nowhere"),
     ({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "{model}"},
       "eval_loaders": [{"name": "lemon_domains", "data_dir": "{damaged}"}]}, "manifest.json is damaged"),
+    ({"model": {**FUSION, "lam": "abc"}}, "model.lam='abc': expected a number"),
+    ({"model": {**FUSION, "target": {**TARGET, "hidden_size": "abc"}}},
+     "model.target.hidden_size='abc': expected an integer"),
+    ({"model": {**FUSION, "target": {**TARGET, "num_attention_heads": 3}}}, "num_attention_heads"),
+    ({"model": {**FUSION, "fusion_parallel": "sharded"}}, "add the lemon_fuse_once algorithm"),
+    ({"model": FUSION, "callbacks": {"lemon_dynamic_loading": {"eta": "abc"}}},
+     "callbacks.lemon_dynamic_loading.eta='abc': expected a number"),
+    ({"model": FUSION, "callbacks": {"lemon_finite_guard": {"interval": 0}}},
+     "callbacks.lemon_finite_guard.interval=0: expected a positive integer"),
+    ({"model": FUSION, "callbacks": {"lemon_hf_export": {"folder": "x"}}},
+     "callbacks.lemon_hf_export: unknown keys ['folder']"),
+    ({"model": FUSION, "algorithms": {"lemon_fusion_stages": {"schedule": "sideways"}}},
+     "algorithms.lemon_fusion_stages.schedule=sideways"),
+    ({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "{model}"},
+      "algorithms": {"lemon_fuse_once": {}}}, "algorithms.lemon_fuse_once: works only with model.name: lemon_fusion"),
 ]
 
 

@@ -41,7 +41,8 @@ def setup(tmp_path_factory, tiny_tokenizer):
 
 def fusion_cfg(model: Path, data: Path) -> dict:
     loader = {"name": "lemon_domains", "data_dir": str(data)}
-    return {"model": {"name": "lemon_fusion", "source_path": str(model)}, "train_loader": loader,
+    target = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_hidden_layers": 2}
+    return {"model": {"name": "lemon_fusion", "source_path": str(model), "target": target}, "train_loader": loader,
             "eval_loaders": [{**loader, "label": "web"}], "tokenizer": {"name": str(data / "tokenizer")}}
 
 

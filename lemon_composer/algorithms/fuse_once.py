@@ -33,6 +33,9 @@ def num_microbatches(state: State) -> int:
 class FuseOnce(Algorithm):
     """Fuse once per optimizer step (``BEFORE_TRAIN_BATCH``) and once per evaluation round."""
 
+    def __init__(self) -> None:
+        super().__init__()
+
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.BEFORE_TRAIN_BATCH, Event.AFTER_TRAIN_BATCH, Event.EVAL_BEFORE_ALL,
                          Event.EVAL_START, Event.EVAL_AFTER_ALL)

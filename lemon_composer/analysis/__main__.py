@@ -22,6 +22,7 @@ from lemon_composer.analysis.cka_report import cka_report
 from lemon_composer.analysis.curves import DEFAULT_METRIC, read_eval_curve
 from lemon_composer.analysis.operators import operator_figures
 from lemon_composer.analysis.plots import training_curves
+from lemon_composer.cli import run_cli
 from lemon_composer.fusion.init_cka import CKA_KINDS
 
 log = logging.getLogger("lemon_composer.analysis")
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> None:
         if a.command == "cka":
             kinds = tuple(k for k in a.kinds.split(",") if k)
             written = cka_report(a.model, a.out, data=a.data, num_batches=a.num_batches, batch_size=a.batch_size,
@@ -89,11 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = operator_figures(a.checkpoint, a.out)
         else:
             written = [run_curves(a.log, a.out, metric=a.metric, title=a.title)]
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log.info("wrote %d files under %s", len(written), a.out)
-    return 0
+        log.info("wrote %d files under %s", len(written), a.out)
+    return run_cli("analysis", body)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """``FuseConfig``: the yaml ``model:`` section of a fusion run (``name: lemon_fusion``), checked up front."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lemon_composer.config_types import check_types
 from lemon_composer.fusion.init import CALIBRATED_INITS, INITS
 from lemon_composer.fusion.init_pca import check_pca
 from lemon_composer.fusion.plan import ATTENTION_OPERATORS, ReceptiveFields, TargetShape
@@ -83,6 +85,8 @@ class FuseConfig:
             if key not in cfg:
                 raise ValueError(f"model.{key} is required for lemon_fusion")
         sub = {"target": TargetShape, "receptive_field": ReceptiveFields, "calibration": CalibrationConfig}
+        hints = typing.get_type_hints(cls)
+        check_types({k: v for k, v in cfg.items() if k not in sub}, hints, "model")
         for key, kind in sub.items():
             value = cfg.get(key)
             if isinstance(value, dict):
@@ -90,10 +94,7 @@ class FuseConfig:
                 bad = sorted(set(value) - allowed)
                 if bad:
                     raise ValueError(f"model.{key}: unknown keys {bad}; accepted: {sorted(allowed)}")
-                integer = {f.name for f in fields(kind) if str(f.type).startswith("int")}
-                for name, v in value.items():
-                    if name in integer and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                        raise ValueError(f"model.{key}.{name}={v!r}: expected an integer")
+                check_types(value, typing.get_type_hints(kind), f"model.{key}")
                 cfg[key] = kind(**value)
             elif value is not None and not isinstance(value, kind):
                 raise ValueError(f"model.{key}={value!r}: expected a mapping of {sorted(allowed_keys(kind))}")

@@ -20,6 +20,7 @@ all of them. The generated yamls are kept beside the results as the record of wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from omegaconf import OmegaConf as om
@@ -303,9 +305,25 @@ def _shape(c: dict[str, Any]) -> str:
             f"(ffn {c['intermediate_size']}, {c['num_attention_heads']} heads)")
 
 
-def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
-    out = Path(cfg.out)
+@contextlib.contextmanager
+def output_folder(out: Path) -> Iterator[Path]:
+    """``out``, created if needed, and removed again if a failure leaves it as it was made: empty."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
+    with output_folder(Path(cfg.out)) as out:
+        return _run(cfg, out)
+
+
+def _run(cfg: AblationConfig, out: Path) -> dict[str, dict[str, Any]]:
     sweep = sweep_learning_rates(cfg, out)
     models, logs = build_candidates(cfg, out, {r["init"]: r["multiplier"] for r in sweep if r["chosen"]})
     results = evaluate_candidates(cfg, {"Source": Path(cfg.source_path), **models})

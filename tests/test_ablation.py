@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf as om
 
+from lemon_composer import ablation
 from lemon_composer.ablation import AblationConfig, main, pick_multiplier, run
 from lemon_composer.analysis.cka import load_matrix
 from lemon_composer.analysis.operators import load_operators
@@ -89,6 +90,21 @@ def test_bad_settings_are_named(inputs, capsys):
     cfg_file.write_text(f"source_path: {source}\ndata_dir: {root / 'mds'}\nout: x\nsetting: depth\n"
                         f"target: {json.dumps(DEPTH_TARGET)}\nunknown_key: 1\n")
     assert main([str(cfg_file)]) == 2 and "unknown_key" in capsys.readouterr().err
+
+
+def test_an_early_failure_leaves_no_empty_output_folder(inputs, monkeypatch):
+    root, source = inputs
+    cfg = config(root, source, out=str(root / "early" / "out"))
+    def fail(*args, **kwargs):
+        raise RuntimeError("the first fusion run failed")
+    monkeypatch.setattr(ablation, "sweep_learning_rates", fail)
+    with pytest.raises(RuntimeError, match="first fusion run failed"):
+        ablation.run(cfg)
+    assert not (root / "early" / "out").exists()
+    (root / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        ablation.run(config(root, source, out=str(root / "kept")))
+    assert (root / "kept").is_dir()  # a folder the user made stays
 
 
 def test_pick_multiplier_takes_the_lowest_held_out_loss():

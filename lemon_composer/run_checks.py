@@ -26,7 +26,8 @@ from lemon_composer.sources.load import read_source_config
 from llmfoundry_patches import COMPONENTS
 
 OUR_LOADERS = ("lemon_domains", "lemon_mixture")
-MODEL_FOLDER_KEYS = {"lemon_fusion": "source_path", "hf_causal_lm": "pretrained_model_name_or_path"}
+MODEL_FOLDER_KEYS = {"lemon_fusion": "source_path", "lemon_prune": "source_path",
+                     "hf_causal_lm": "pretrained_model_name_or_path"}
 FUSION_ONLY = ("lemon_fuse_once", "lemon_fusion_stages", "lemon_hf_export")
 
 

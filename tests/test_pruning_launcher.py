@@ -1,0 +1,73 @@
+"""``composer train.py yamls/prune/smollm2_cpu.yaml`` on a tiny source and synthetic data: the run
+logs the pruning sizes, checkpoints hold masks and multipliers, and a run resumed from the middle
+checkpoint follows the uninterrupted run's loss curve."""
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from conftest import REPO, random_docs, write_jsonl
+from lemon_composer.data.prep import DataPrepConfig, prepare
+from test_pruning_equivalence import tiny_source
+from test_train_launcher import launch, train_losses
+
+YAML = REPO / "yamls" / "prune" / "smollm2_cpu.yaml"
+FAST = ["variables.seq_len=32", "global_train_batch_size=4", "device_train_microbatch_size=4",
+        "device_eval_batch_size=4", "eval_subset_num_batches=1", "max_duration=6ba", "eval_interval=3ba",
+        "scheduler.t_warmup=1ba", "model.target.hidden_size=16", "model.target.intermediate_size=24",
+        "model.target.num_attention_heads=2", "model.target.num_key_value_heads=1",
+        "model.target.num_hidden_layers=2", "model.lagrangian_warmup=2ba"]
+
+
+@pytest.fixture(scope="module")
+def prune_runs(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("prune")
+    rng = random.Random(0)
+    write_jsonl(root / "corpus" / "prose" / "all.jsonl", random_docs(rng, 150))
+    write_jsonl(root / "corpus" / "code" / "all.jsonl", random_docs(rng, 150, code=True))
+    mds = root / "mds"
+    prepare(DataPrepConfig(input=root / "corpus", out=mds, tokenizer=str(tiny_tokenizer), seq_len=32))
+    source = tiny_source(root / "source", heads=4, kv=2, tied=False, layers=3, vocab=400)  # tiny_tokenizer's
+    common = [f"variables.data_dir={mds}", f"variables.source_path={source}", *FAST]
+    full = launch(YAML, *common, f"save_folder={root / 'ckpt'}", "save_interval=3ba")
+    resumed = launch(YAML, *common, f"load_path={root / 'ckpt' / 'ep0-ba3-rank0.pt'}",
+                     f"save_folder={root / 'ckpt_resumed'}", "save_interval=3ba")
+    return root, full, resumed
+
+
+def test_run_logs_sizes_and_held_out_loss(prune_runs):
+    _, log, _ = prune_runs
+    layers = [float(v) for v in re.findall(r"prune/expected/layers: ([\d.]+)", log)]
+    targets = [float(v) for v in re.findall(r"prune/target/layers: ([\d.]+)", log)]
+    assert len(layers) == 6 and targets[0] == 3.0 and targets[-1] == 2.0   # ramp 3 -> 2 layers over 2 batches
+    assert len(re.findall(r"metrics/eval/LanguageCrossEntropy: ([\d.]+)", log)) == 2
+    assert re.search(r"loss/train/lagrangian: ", log)
+
+
+def test_checkpoint_holds_source_masks_and_multipliers(prune_runs):
+    root, _, _ = prune_runs
+    state = torch.load(root / "ckpt" / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
+    names = set(state["state"]["model"])
+    assert {"masks.log_alpha.layer", "masks.log_alpha.kv", "lagrangian.lambda_1.layers",
+            "source.model.layers.2.mlp.down_proj.weight"} <= names
+    lam = state["state"]["model"]["lagrangian.lambda_1.layers"]
+    assert float(lam) != 0.0   # the multipliers moved
+
+
+def test_resumed_run_follows_the_same_loss_curve(prune_runs):
+    _, full, resumed = prune_runs
+    a, b = train_losses(full), train_losses(resumed)
+    assert len(a) == 6 and len(b) == 3
+    assert b == pytest.approx(a[3:], abs=1e-4)   # the console prints 4 decimals
+    root = prune_runs[0]
+    states = [torch.load(root / folder / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)["state"]["model"]
+              for folder in ("ckpt", "ckpt_resumed")]
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():   # source, log_alpha, lambdas
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, states[1][name]), name
+    noise = [s["masks._extra_state"]["generator"] for s in states]  # the gates' noise generator
+    assert torch.equal(*noise)

@@ -4,12 +4,15 @@
     lemon-export --checkpoint <hf_causal_lm (CPT) checkpoint> --out exported/lemon-1.3b-cpt --dtype bf16
     lemon-export --checkpoint runs/cpt/checkpoints/ep0-ba5000 --out exported/lemon-1.3b-cpt   # FSDP sharded
     lemon-export --source /models/Llama-2-7b-hf --init cut --target 2048,5504,16,24 --out exported/cut-1.3b
+    lemon-export --checkpoint runs/prune-7b-to-1.3b/checkpoints/latest-rank0.pt --out exported/shear-1.3b
+    lemon-export --checkpoint <pruning checkpoint> --folded-source --out exported/shear-source   # init: shear
 
 Checkpoints are one file or a sharded (FSDP ``state_dict_type: sharded``) folder, read weights-only
 (``checkpoints.read_checkpoint``). Sources of weights:
 - a fusion checkpoint (``lemon_fusion``): the operators are applied to the source they were learned
   on (path and fingerprint are in the checkpoint) to materialise the fused weights;
 - an llm-foundry ``hf_causal_lm`` checkpoint (continued pre-training): its weights and HF config;
+- a pruning checkpoint (``lemon_prune``): the pruned model, or its folded source (``pruning/export.py``);
 - a training-free baseline (cut, random, avg, prune) straight from a source model.
 
 The folder holds config.json, safetensors weights, the tokenizer, a generation config and
@@ -51,8 +54,9 @@ def load_tokenizer_of(folder: str | Path, *, key: str) -> PreTrainedTokenizerBas
 
 
 def write_hf_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: str | Path, *,
-                    dtype: str = "fp32", provenance: dict[str, Any], overwrite: bool = False) -> Path:
-    """Save model, tokenizer, generation config and provenance to ``out`` atomically."""
+                    dtype: str = "fp32", provenance: dict[str, Any], overwrite: bool = False,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Save model, tokenizer, generation config, provenance and ``extra_files`` to ``out`` atomically."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype={dtype}: expected one of {sorted(EXPORT_DTYPES)}")
     with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -62,6 +66,8 @@ def write_hf_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
         tokenizer.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(model.config).save_pretrained(str(tmp))
         (tmp / PROVENANCE).write_text(json.dumps({**provenance, "dtype": dtype}, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     log.info("exported %s (%s)", out, dtype)
     return Path(out)
 
@@ -94,14 +100,20 @@ def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: bool = False,
-                      source_path: str | None = None) -> Path:
-    """Export a fusion or ``hf_causal_lm`` Composer checkpoint (see the module docstring)."""
+                      source_path: str | None = None, folded_source: bool = False) -> Path:
+    """Export a fusion, pruning or ``hf_causal_lm`` Composer checkpoint (see the module docstring)."""
     from lemon_composer.models.fusion_model import LemonFusionModel
+    from lemon_composer.pruning.export import is_prune_state
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
     state = strip_prefix(ckpt["state"]["model"], "module.")  # DDP-wrapped saves
     step = ckpt["state"].get("timestamp", {}).get("Timestamp", {}).get("batch")
+    if is_prune_state(state):
+        return _export_pruned(state, checkpoint, step, out, dtype=dtype, overwrite=overwrite,
+                              source_path=source_path, folded_source=folded_source)
+    if folded_source:
+        raise ValueError(f"--folded-source: {checkpoint} is not a lemon_prune checkpoint")
     extra = state.get("_extra_state")
     if isinstance(extra, dict) and "config" in extra:
         config = dict(extra["config"], init="cut", init_device="cpu")  # operators come from the checkpoint
@@ -132,6 +144,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                                                "checkpoint_step": step})
     raise ValueError(f"--checkpoint={checkpoint}: neither a LEMON fusion checkpoint (no operators and source "
                      f"reference) nor an llm-foundry hf_causal_lm checkpoint (no huggingface integration)")
+
+
+def _export_pruned(state: dict[str, Any], checkpoint: Path, step: int | None, out: str | Path, *, dtype: str,
+                   overwrite: bool, source_path: str | None, folded_source: bool) -> Path:
+    """The pruned model of a ``lemon_prune`` checkpoint, or (``folded_source``) the source for ``init: shear``."""
+    from lemon_composer.pruning.export import SHEAR_FILE, kept_json, prune_model_from_state
+
+    model = prune_model_from_state(state, source_path)
+    tokenizer = load_tokenizer_of(model.cfg.source_path, key="source_path")
+    provenance = {"kind": "lemon_prune", "source_path": model.cfg.source_path, "checkpoint": str(checkpoint),
+                  "checkpoint_step": step, "config": state["_extra_state"]["config"]}
+    if not folded_source:
+        return write_hf_folder(model.pruned(), tokenizer, out, dtype=dtype, overwrite=overwrite, provenance=provenance)
+    folded, kept = model.folded()
+    return write_hf_folder(folded, tokenizer, out, dtype=dtype, overwrite=overwrite,
+                           provenance={**provenance, "kind": "lemon_prune:folded_source"},
+                           extra_files={SHEAR_FILE: kept_json(kept)})
 
 
 def export_baseline(source: str, init: str, target: dict[str, int], out: str | Path, *, dtype: str = "fp32",
@@ -172,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="baseline: hidden,ffn,heads,layers[,kv_heads]")
     p.add_argument("--receptive-field", default="1,1,1", help="baseline: r_h,r_a,r_i")
     p.add_argument("--calibration-data", help="baseline prune: data prep output to score importance on")
-    p.add_argument("--source-path", help="fusion checkpoint: the source's path if it moved")
+    p.add_argument("--source-path", help="fusion or pruning checkpoint: the source's path if it moved")
+    p.add_argument("--folded-source", action="store_true",
+                   help="pruning checkpoint: export the source-size model with the masks folded in and "
+                        "lemon_shear.json (the source of a fusion with init: shear) instead of the pruned model")
     p.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES))
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -183,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give exactly one of --checkpoint or --source")
         if a.checkpoint:
             out = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, overwrite=a.overwrite,
-                                    source_path=a.source_path)
+                                    source_path=a.source_path, folded_source=a.folded_source)
         else:
             if a.target is None:
                 raise ValueError("--source needs --target hidden,ffn,heads,layers[,kv_heads]")

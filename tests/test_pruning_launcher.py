@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import REPO, random_docs, write_jsonl
 from lemon_composer.data.prep import DataPrepConfig, prepare
@@ -31,6 +32,7 @@ def prune_runs(tmp_path_factory, tiny_tokenizer):
     mds = root / "mds"
     prepare(DataPrepConfig(input=root / "corpus", out=mds, tokenizer=str(tiny_tokenizer), seq_len=32))
     source = tiny_source(root / "source", heads=4, kv=2, tied=False, layers=3, vocab=400)  # tiny_tokenizer's
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer)).save_pretrained(str(source))  # exports ship it
     common = [f"variables.data_dir={mds}", f"variables.source_path={source}", *FAST]
     full = launch(YAML, *common, f"save_folder={root / 'ckpt'}", "save_interval=3ba")
     resumed = launch(YAML, *common, f"load_path={root / 'ckpt' / 'ep0-ba3-rank0.pt'}",
@@ -71,3 +73,47 @@ def test_resumed_run_follows_the_same_loss_curve(prune_runs):
             assert torch.equal(value, states[1][name]), name
     noise = [s["masks._extra_state"]["generator"] for s in states]  # the gates' noise generator
     assert torch.equal(*noise)
+
+
+def test_export_gives_the_masked_model_and_init_shear_reproduces_it(prune_runs, tmp_path):
+    """lemon-export of the checkpoint is a strict target-shape LlamaForCausalLM with the masked model's
+    eval logits; a fusion with init: shear on its folded source gives the same logits at step 0."""
+    from transformers import LlamaForCausalLM
+
+    from lemon_composer.checkpoints import read_checkpoint
+    from lemon_composer.export import hf_model_from_fused, main as export_main
+    from lemon_composer.models.fusion_model import LemonFusionModel
+    from lemon_composer.pruning.export import prune_model_from_state
+
+    root = prune_runs[0]
+    ckpt = root / "ckpt" / "ep0-ba6-rank0.pt"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "shear")]) == 0
+    assert export_main(["--checkpoint", str(ckpt), "--folded-source", "--out", str(tmp_path / "source")]) == 0
+    pruned, info = LlamaForCausalLM.from_pretrained(str(tmp_path / "shear"), output_loading_info=True)
+    assert not any(info.values()), info                          # no missing / unexpected / mismatched keys
+    c = pruned.config
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+            c.num_hidden_layers) == (16, 24, 2, 1, 2)            # FAST's target, exactly
+    masked = prune_model_from_state(read_checkpoint(ckpt)["state"]["model"])
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = masked({"input_ids": ids})["logits"]          # eval: deterministic masks
+        torch.testing.assert_close(pruned(ids).logits, reference, rtol=0, atol=2e-5)
+        fusion = LemonFusionModel(source_path=str(tmp_path / "source"), init="shear", source_dtype="float32",
+                                  attn_implementation="sdpa", receptive_field={"r_h": 1, "r_a": 1, "r_i": 1},
+                                  target={"hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2,
+                                          "num_key_value_heads": 1, "num_hidden_layers": 2})
+        torch.testing.assert_close(hf_model_from_fused(fusion)(ids).logits, reference, rtol=0, atol=2e-5)
+
+
+def test_init_shear_needs_a_folded_source(prune_runs):
+    from lemon_composer.models.fuse_config import FuseConfig
+
+    root = prune_runs[0]
+    target = {"hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2, "num_hidden_layers": 2}
+    with pytest.raises(ValueError, match=r"model.source_path=.*source: no lemon_shear.json; init: shear fuses from "
+                                         r"a folded source"):
+        FuseConfig.from_yaml({"source_path": str(root / "source"), "target": target, "init": "shear"})
+    with pytest.raises(ValueError, match=r"model.init=shear needs model.receptive_field r_h=1 and r_i=1"):
+        FuseConfig.from_yaml({"source_path": str(root / "source"), "target": target, "init": "shear",
+                              "receptive_field": {"r_h": 2}})

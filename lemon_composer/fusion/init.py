@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lemon_composer.fusion.plan import FusionPlan
 
-INITS = ("cut", "identity", "random", "avg", "prune", "lsq", "pca")
+INITS = ("cut", "identity", "random", "avg", "prune", "lsq", "pca", "shear")
 CALIBRATED_INITS = ("prune", "lsq", "pca")  # read calibration data (``model.calibration``)
 
 

@@ -43,8 +43,9 @@ class FuseConfig:
     fold_norms: fold the RMSNorm gains into q/k/v, up/gate (and an untied head) before fusion, so the
         fused weights are consistent for any B_emb (``fusion/fold.py``); the target's norms are then 1.
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
-    init: cut | identity | random | avg | prune | lsq | pca; init_seed for random; calibration for prune,
-        lsq and pca.
+    init: cut | identity | random | avg | prune | lsq | pca | shear; init_seed for random; calibration
+        for prune, lsq and pca; shear: source_path is a pruning run's folded source (``lemon-export
+        --folded-source``), the operators select what its masks kept (r_h = r_i = 1).
     lam: lambda of Eq. 4 (LM weight; KL gets 1 - lambda); temperature: of the KL term.
     source_dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 | float64 (exactness tests).
     attn_implementation: auto (flash-attn on GPU when installed, else sdpa) | sdpa | eager | flash_attention_2.
@@ -108,6 +109,13 @@ class FuseConfig:
                              f"heads, neurons and channels on)")
         if self.init == "pca":
             check_pca(self.fold_norms, self.receptive_field.r_h)
+        if self.init == "shear" and (self.receptive_field.r_h, self.receptive_field.r_i) != (1, 1):
+            raise ValueError(f"model.init=shear needs model.receptive_field r_h=1 and r_i=1 (got r_h="
+                             f"{self.receptive_field.r_h}, r_i={self.receptive_field.r_i}): the channels and "
+                             f"neurons pruning keeps are single units, not aligned blocks")
+        if self.init == "shear" and self.init_device != "meta":
+            from lemon_composer.pruning.export import read_kept
+            read_kept(self.source_path)  # a folded source of a pruning run, before any weight loads
         if self.init == "lsq" and self.shared_gamma:
             raise ValueError("model.init=lsq sets gamma.o and gamma.down apart from the other kinds: it needs "
                              "model.shared_gamma=false")

@@ -164,6 +164,10 @@ class LemonFusionModel(ComposerModel):
         if init == "avg":
             from lemon_composer.fusion.init_cka import avg_selection
             return avg_selection(plan, self._stacked)
+        if init == "shear":  # the source is a pruning run's folded source; select what its masks kept
+            from lemon_composer.pruning.export import read_kept
+            from lemon_composer.pruning.slice import shear_selection
+            return shear_selection(plan, read_kept(self.cfg.source_path))
         from lemon_composer.fusion.init_prune import prune_selection
         c = self.cfg.calibration
         batches = calibration_batches(c.data_dir, split=c.split, num_batches=c.num_batches,

@@ -30,8 +30,8 @@ from lemon_composer.config_types import check_types
 from lemon_composer.models.target import resolve_attn_implementation
 from lemon_composer.pruning.lagrangian import Lagrangian, warmup_batches
 from lemon_composer.pruning.masked_forward import MaskedLlama
-from lemon_composer.pruning.masks import PruneShape, PruningMasks
-from lemon_composer.pruning.slice import pruned_model
+from lemon_composer.pruning.masks import Gates, PruneShape, PruningMasks
+from lemon_composer.pruning.slice import Kept, folded_source, kept_units, pruned_model
 from lemon_composer.sources.load import load_source, read_source_config, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,24 @@ class LemonPruneModel(ComposerModel):
 
     # ---- the pruned model ----
     @torch.no_grad()
-    def pruned(self) -> LlamaForCausalLM:
-        """The folded, sliced target ``LlamaForCausalLM`` (``slice.pruned_model``) of the deterministic masks."""
+    def final_gates(self) -> Gates:
+        """The deterministic gates (exactly the target's counts), whatever the training mode."""
         was_training = self.masks.training
         self.masks.eval()
         try:
-            gates = self.masks.gates()
+            return self.masks.gates()
         finally:
             self.masks.train(was_training)
-        return pruned_model(self.source, gates, self.shape)
+
+    def pruned(self) -> LlamaForCausalLM:
+        """The folded, sliced target ``LlamaForCausalLM`` (``slice.pruned_model``) of the deterministic masks."""
+        return pruned_model(self.source, self.final_gates(), self.shape)
+
+    def folded(self) -> tuple[LlamaForCausalLM, Kept]:
+        """The source-size model with the deterministic gate values folded in (``slice.folded_source``)
+        and the units the masks keep: the source and the selection of a fusion with ``init: shear``."""
+        gates = self.final_gates()
+        return folded_source(self.source, gates, self.shape), kept_units(gates, self.shape)
 
     # ---- checkpoints ----
     def get_extra_state(self) -> dict[str, Any]:

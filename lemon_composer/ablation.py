@@ -1,7 +1,7 @@
 """Ablations in the layout of the paper's Tables 3-4: ``python -m lemon_composer.ablation <config.yaml> [key=value ...]``.
 
 For one source, target shape and budget: the training-free baselines (cut, random, avg, prune)
-exported straight from the source; LEMON fusion from the cut and prune inits
+exported straight from the source, and with ``prune_steps`` Sheared-LLaMA's pruned model ("Shear"); LEMON fusion from the cut and prune inits
 (``yamls/fuse/smollm2_cpu.yaml`` as the template, run through ``composer train.py``); optionally a
 short continued pre-training of every candidate with equal steps (``yamls/cpt/smollm2_cpu.yaml``);
 then every candidate (and the source) evaluated the same way: held-out loss per domain on data
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FUSE_TEMPLATE = REPO / "yamls" / "fuse" / "smollm2_cpu.yaml"
 CPT_TEMPLATE = REPO / "yamls" / "cpt" / "smollm2_cpu.yaml"
+PRUNE_TEMPLATE = REPO / "yamls" / "prune" / "smollm2_cpu.yaml"
 SETTINGS = ("depth", "width", "both")
 FROZEN = {"depth": r"operators\.(B_emb|A_)", "width": r"operators\.gamma", "both": None}  # disable_grad
 RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
@@ -63,6 +64,9 @@ class AblationConfig:
     baselines, lemon_inits: inits from ``lemon_composer.fusion.init.INITS``.
     lr_sweep: null (off) or multipliers of lr_dims and lr_gamma, each tried for lr_sweep_steps fusion
         steps per LEMON init; the lowest held-out loss picks the rates of that init's full run.
+    prune_steps: > 0 runs Sheared-LLaMA pruning (``lemon_prune``, ``yamls/prune/smollm2_cpu.yaml``) to the
+        target for this many steps first; ``shear`` in baselines is the pruned model ("Shear"), in
+        lemon_inits a fusion from its folded source with r_h = r_i = 1 ("LEMON-Shear").
     model_overrides: extra ``model.<key>: <value>`` for every fusion run (sweep runs included) and
         every baseline export (e.g. fold_norms, which ``pca`` needs).
     """
@@ -87,6 +91,7 @@ class AblationConfig:
     lr_sweep: list[float] | None = None
     lr_sweep_steps: int = 10
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    prune_steps: int = 0
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -105,7 +110,8 @@ class AblationConfig:
 
     def _check_run_keys(self) -> None:
         """Numbers, inits, sweep and model overrides: each bad value named with its key before anything loads."""
-        for key, least, optional in (("fusion_steps", 1, False), ("cpt_steps", 0, False), ("seq_len", 2, False),
+        for key, least, optional in (("fusion_steps", 1, False), ("cpt_steps", 0, False), ("prune_steps", 0, False),
+                                     ("seq_len", 2, False),
                                      ("batch_size", 1, False), ("eval_max_rows", 1, True), ("mc_limit", 1, True)):
             value = getattr(self, key)
             if optional and value is None:
@@ -119,6 +125,8 @@ class AblationConfig:
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or any(i not in INITS for i in value):
                 raise ValueError(f"{key}={value!r}: expected a list of inits from {INITS}")
+            if "shear" in value and self.prune_steps == 0:
+                raise ValueError(f"{key}: shear needs a pruning run first: set prune_steps > 0")
         sweep = self.lr_sweep
         if sweep is not None:
             if not isinstance(sweep, (list, tuple)) or not sweep or not all(map(_positive, sweep)) \
@@ -151,6 +159,9 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     y.model.target = dict(cfg.target)
     y.model.receptive_field = dict(cfg.receptive_field)
     y.model.init = init
+    if init == "shear":  # fuse from the pruning run's folded source; pruned units are single units
+        y.variables.source_path = str(_shear_source(cfg))
+        y.model.receptive_field = {**cfg.receptive_field, "r_h": 1, "r_i": 1}
     if init in CALIBRATED_INITS:
         y.model.calibration = {"data_dir": cfg.data_dir}
     y.merge_with({"model": cfg.model_overrides})
@@ -165,6 +176,30 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     path = out / f"fuse-{init}.yaml"
     atomic_write_text(path, om.to_yaml(y))
     return path
+
+
+def _shear_source(cfg: AblationConfig) -> Path:
+    """Where ``prune`` exports the folded source that ``init: shear`` fuses from."""
+    return Path(cfg.out) / "models" / "shear-source"
+
+
+def prune(cfg: AblationConfig, out: Path) -> Path | None:
+    """``prune_steps`` of Sheared-LLaMA pruning to the target; export the pruned model ("Shear") and
+    the folded source of ``init: shear``; return the pruned model's folder (None without pruning)."""
+    if not cfg.prune_steps:
+        return None
+    y = om.load(PRUNE_TEMPLATE)
+    y.variables.data_dir, y.variables.source_path, y.variables.seq_len = cfg.data_dir, cfg.source_path, cfg.seq_len
+    y.model.target = dict(cfg.target)
+    y.max_duration = y.eval_interval = f"{cfg.prune_steps}ba"
+    y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size
+    y.save_folder, y.save_interval, y.save_overwrite = str(out / "ckpt-prune"), y.max_duration, True
+    path = out / "prune.yaml"
+    atomic_write_text(path, om.to_yaml(y))
+    run_composer(path, [], out / "prune.log", echo=False)
+    ckpt = out / "ckpt-prune" / f"ep0-ba{cfg.prune_steps}-rank0.pt"
+    export_checkpoint(ckpt, _shear_source(cfg), overwrite=True, folded_source=True)
+    return export_checkpoint(ckpt, out / "models" / "shear", overwrite=True)
 
 
 def _cpt_yaml(cfg: AblationConfig, model_dir: Path, name: str, out: Path) -> Path:
@@ -223,12 +258,15 @@ def sweep_learning_rates(cfg: AblationConfig, out: Path) -> list[dict[str, Any]]
     return rows
 
 
-def build_candidates(cfg: AblationConfig, out: Path,
-                     mults: dict[str, float]) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Export the baselines and run LEMON fusion (rates times ``mults[init]``, default 1);
-    return {method: HF folder} and {method: fusion log}."""
+def build_candidates(cfg: AblationConfig, out: Path, mults: dict[str, float],
+                     sheared: Path | None = None) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Export the baselines (``sheared``: the pruned model, the "Shear" row) and run LEMON fusion
+    (rates times ``mults[init]``, default 1); return {method: HF folder} and {method: fusion log}."""
     models, logs = {}, {}
     for init in cfg.baselines:
+        if init == "shear":
+            models["Shear"] = sheared
+            continue
         extra = {"calibration": {"data_dir": cfg.data_dir}} if init in CALIBRATED_INITS else {}
         models[init.capitalize()] = export_baseline(
             cfg.source_path, init, cfg.target, out / "models" / init, overwrite=True,
@@ -324,8 +362,9 @@ def run(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
 
 
 def _run(cfg: AblationConfig, out: Path) -> dict[str, dict[str, Any]]:
+    sheared = prune(cfg, out)
     sweep = sweep_learning_rates(cfg, out)
-    models, logs = build_candidates(cfg, out, {r["init"]: r["multiplier"] for r in sweep if r["chosen"]})
+    models, logs = build_candidates(cfg, out, {r["init"]: r["multiplier"] for r in sweep if r["chosen"]}, sheared)
     results = evaluate_candidates(cfg, {"Source": Path(cfg.source_path), **models})
     curves = {name: read_eval_curve(path) for name, path in logs.items()}
     if curves:

@@ -78,6 +78,23 @@ def test_depth_ablation_end_to_end(inputs):
     assert not (out / "figures" / "cka-lemon-cut" / "hidden_cka.png").exists()
 
 
+def test_shear_rows_come_from_a_pruning_run(inputs):
+    """prune_steps runs lemon_prune first: "Shear" is its pruned model, "LEMON-Shear" fuses from its folded source."""
+    root, source = inputs
+    out = root / "shear"
+    results = run(config(root, source, out=str(out), baselines=["shear"], lemon_inits=["shear"], prune_steps=2,
+                         fusion_steps=2, mc_tasks=None, receptive_field={"r_h": 2, "r_a": 1, "r_i": 2}))
+    assert list(results) == ["Source", "Shear", "LEMON-Shear"]
+    assert [results[m]["layers"] for m in results] == [4, 2, 2]
+    fuse = om.load(out / "fuse-shear.yaml")
+    assert fuse.variables.source_path == str(out / "models" / "shear-source") and fuse.model.init == "shear"
+    assert (fuse.model.receptive_field.r_h, fuse.model.receptive_field.r_i) == (1, 1)  # units, not blocks
+    assert (out / "models" / "shear-source" / "lemon_shear.json").is_file()
+    assert om.load(out / "prune.yaml").max_duration == "2ba"
+    with pytest.raises(ValueError, match="lemon_inits: shear needs a pruning run first: set prune_steps > 0"):
+        config(root, source, lemon_inits=["shear"])
+
+
 def test_bad_settings_are_named(inputs, capsys):
     root, source = inputs
     with pytest.raises(ValueError, match=r"setting=depth keeps the source's hidden_size=64; target.hidden_size=32"):
@@ -157,7 +174,7 @@ def test_lr_sweep_then_short_cpt_of_every_candidate(inputs, tmp_path):
     ("lr_sweep_steps", 2.5, "lr_sweep_steps=2.5: expected a positive integer"),
     ("model_overrides", ["fold_norms"], "model_overrides=['fold_norms']: expected a mapping"),
     ("model_overrides", {"init": "random"}, "model_overrides: ['init'] are set by the runner"),
-    ("baselines", ["cut", "shear"], "baselines=['cut', 'shear']: expected a list of inits from ("),
+    ("baselines", ["cut", "sheer"], "baselines=['cut', 'sheer']: expected a list of inits from ("),
     ("lemon_inits", "cut", "lemon_inits='cut': expected a list of inits from ("),
 ])
 def test_bad_run_keys_are_named_before_anything_loads(inputs, key, value, message):

@@ -6,6 +6,7 @@ not at all. Each error names the yaml key, the value and the expected type.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import typing
@@ -76,3 +77,17 @@ def check_arguments(cls: type, values: Mapping[str, Any] | None, key: str) -> No
     if missing:
         raise ValueError(f"{key or cls.__name__}: missing required keys {missing}")
     check_types(values, typing.get_type_hints(cls.__init__), key)
+
+
+def check_section(cls: type, values: Mapping[str, Any], *, key: str, owner: str, required: Sequence[str],
+                  nested: Sequence[str] = ()) -> None:
+    """A yaml section for dataclass ``cls`` (e.g. ``model:`` of ``owner``): unknown keys, missing
+    ``required`` keys, and the types of every field but the ``nested`` sections (checked by the caller)."""
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown} for {owner}; accepted: {sorted(known)}")
+    for name in required:
+        if name not in values:
+            raise ValueError(f"{key}.{name} is required for {owner}")
+    check_types({k: v for k, v in values.items() if k not in nested}, typing.get_type_hints(cls), key)

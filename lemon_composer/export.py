@@ -4,7 +4,7 @@
     lemon-export --checkpoint <hf_causal_lm (CPT) checkpoint> --out exported/lemon-1.3b-cpt --dtype bf16
     lemon-export --checkpoint runs/cpt/checkpoints/ep0-ba5000 --out exported/lemon-1.3b-cpt   # FSDP sharded
     lemon-export --source /models/Llama-2-7b-hf --init cut --target 2048,5504,16,24 --out exported/cut-1.3b
-    lemon-export --checkpoint runs/prune-7b-to-1.3b/checkpoints/latest-rank0.pt --out exported/shear-1.3b
+    lemon-export --checkpoint runs/lemon-prune-7b-to-1.3b/checkpoints/latest-sharded-rank0 --out exported/shear-1.3b
     lemon-export --checkpoint <pruning checkpoint> --folded-source --out exported/shear-source   # init: shear
 
 Checkpoints are one file or a sharded (FSDP ``state_dict_type: sharded``) folder, read weights-only

@@ -5,7 +5,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lemon_composer.config_types import check_types
+from lemon_composer.config_types import check_section, check_types
 from lemon_composer.fusion.init import CALIBRATED_INITS, INITS
 from lemon_composer.fusion.init_pca import check_pca
 from lemon_composer.fusion.plan import ATTENTION_OPERATORS, ReceptiveFields, TargetShape
@@ -78,16 +78,8 @@ class FuseConfig:
     def from_yaml(cls, cfg: dict[str, Any]) -> "FuseConfig":
         """Build from the yaml dict; unknown keys are errors that list what is accepted."""
         cfg = dict(cfg)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"model: unknown keys {unknown} for lemon_fusion; accepted: {sorted(known)}")
-        for key in ("source_path", "target"):
-            if key not in cfg:
-                raise ValueError(f"model.{key} is required for lemon_fusion")
         sub = {"target": TargetShape, "receptive_field": ReceptiveFields, "calibration": CalibrationConfig}
-        hints = typing.get_type_hints(cls)
-        check_types({k: v for k, v in cfg.items() if k not in sub}, hints, "model")
+        check_section(cls, cfg, key="model", owner="lemon_fusion", required=("source_path", "target"), nested=sub)
         for key, kind in sub.items():
             value = cfg.get(key)
             if isinstance(value, dict):

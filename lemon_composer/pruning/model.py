@@ -13,8 +13,7 @@ restore, so a resumed run follows the same curve. Outside a Trainer the ramp sta
 from __future__ import annotations
 
 import logging
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from torchmetrics import Metric
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from lemon_composer.config_types import check_types
+from lemon_composer.config_types import check_section
 from lemon_composer.models.target import resolve_attn_implementation
 from lemon_composer.pruning.lagrangian import Lagrangian, warmup_batches
 from lemon_composer.pruning.masked_forward import MaskedLlama
@@ -67,14 +66,7 @@ class PruneConfig:
 
     @classmethod
     def from_yaml(cls, cfg: dict[str, Any]) -> "PruneConfig":
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"model: unknown keys {unknown} for lemon_prune; accepted: {sorted(known)}")
-        for key in ("source_path", "target"):
-            if key not in cfg:
-                raise ValueError(f"model.{key} is required for lemon_prune")
-        check_types(cfg, typing.get_type_hints(cls), "model")
+        check_section(cls, cfg, key="model", owner="lemon_prune", required=("source_path", "target"))
         return cls(**cfg)
 
     def __post_init__(self) -> None:

@@ -117,3 +117,35 @@ def test_init_shear_needs_a_folded_source(prune_runs):
     with pytest.raises(ValueError, match=r"model.init=shear needs model.receptive_field r_h=1 and r_i=1"):
         FuseConfig.from_yaml({"source_path": str(root / "source"), "target": target, "init": "shear",
                               "receptive_field": {"r_h": 2}})
+
+
+def test_two_fsdp_ranks_prune_and_the_sharded_checkpoint_exports(prune_runs, tmp_path):
+    """The recipes' FSDP path on two gloo ranks (Composer's FSDP2 on CPU): the sharded checkpoint
+    holds source, masks (with their noise generator) and multipliers, and exports to a strict
+    target-shaped model with the masked model's eval logits."""
+    import subprocess
+
+    from transformers import LlamaForCausalLM
+
+    from lemon_composer.checkpoints import read_checkpoint
+    from lemon_composer.export import main as export_main
+    from lemon_composer.pruning.export import prune_model_from_state
+    from test_multirank import COMPOSER, free_port
+
+    root = prune_runs[0]
+    args = [COMPOSER, "-n", "2", "--master_port", str(free_port()), "train.py", str(YAML),
+            f"variables.data_dir={root / 'mds'}", f"variables.source_path={root / 'source'}", *FAST,
+            "global_train_batch_size=8", "device_train_microbatch_size=4", "max_duration=2ba", "eval_interval=2ba",
+            "fsdp_config={sharding_strategy: FULL_SHARD, mixed_precision: DEFAULT, state_dict_type: sharded}",
+            f"save_folder={tmp_path / 'ck'}", "save_interval=2ba"]
+    proc = subprocess.run(args, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    folder = tmp_path / "ck" / "ep0-ba2"
+    assert len(list(folder.glob("*.distcp"))) == 2
+    assert export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "shear")]) == 0
+    pruned, info = LlamaForCausalLM.from_pretrained(str(tmp_path / "shear"), output_loading_info=True)
+    assert not any(info.values()) and pruned.config.num_hidden_layers == 2 and pruned.config.hidden_size == 16
+    masked = prune_model_from_state(read_checkpoint(folder)["state"]["model"])
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, masked({"input_ids": ids})["logits"], rtol=0, atol=2e-5)

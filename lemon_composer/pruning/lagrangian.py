@@ -57,8 +57,9 @@ class Lagrangian(nn.Module):
         super().__init__()
         self.sizes = {k: sizes[k] for k in kinds}
         self.warmup = warmup
-        self.lambda_1 = nn.ParameterDict({k: nn.Parameter(torch.zeros(())) for k in kinds})
-        self.lambda_2 = nn.ParameterDict({k: nn.Parameter(torch.zeros(())) for k in kinds})
+        # shape (1,), not (): FSDP2's fully_shard refuses scalar parameters
+        self.lambda_1 = nn.ParameterDict({k: nn.Parameter(torch.zeros(1)) for k in kinds})
+        self.lambda_2 = nn.ParameterDict({k: nn.Parameter(torch.zeros(1)) for k in kinds})
 
     def target(self, kind: str, step: int) -> float:
         """Target size at ``step`` (batches done): source size -> target size, linear over the warm-up."""

@@ -186,7 +186,7 @@ def test_bad_run_keys_are_named_before_anything_loads(inputs, key, value, messag
 def test_every_fusion_init_is_accepted(inputs):
     from lemon_composer.fusion.init import INITS
     root, source = inputs
-    cfg = config(root, source, baselines=list(INITS), lemon_inits=list(INITS), lr_sweep=[1, 0.5])
+    cfg = config(root, source, baselines=list(INITS), lemon_inits=list(INITS), lr_sweep=[1, 0.5], prune_steps=2)
     assert cfg.lr_sweep == [1.0, 0.5] and cfg.model_overrides == {} and cfg.lr_sweep_steps == 10
 
 

@@ -15,7 +15,8 @@ the multiplier with the lowest held-out loss (mean over domains) sets that init'
 
 Settings (paper Sec. 4.4): ``depth`` trains only the layer operator (the target keeps every width;
 Table 3), ``width`` only the dimension operators (the target keeps every layer; Table 4), ``both``
-all of them. The generated yamls are kept beside the results as the record of what ran.
+all of them; ``trained_operators`` (gamma | dims | all) overrides that choice, e.g. ``all`` in depth
+lets the (identity-initialised) dimension operators adapt each layer as the 7B recipes do. The generated yamls are kept beside the results as the record of what ran.
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ FUSE_TEMPLATE = REPO / "yamls" / "fuse" / "smollm2_cpu.yaml"
 CPT_TEMPLATE = REPO / "yamls" / "cpt" / "smollm2_cpu.yaml"
 PRUNE_TEMPLATE = REPO / "yamls" / "prune" / "smollm2_cpu.yaml"
 SETTINGS = ("depth", "width", "both")
-FROZEN = {"depth": r"operators\.(B_emb|A_)", "width": r"operators\.gamma", "both": None}  # disable_grad
+TRAINED = ("auto", "gamma", "dims", "all")  # trained_operators; auto: the setting's own (Sec. 4.4)
+DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
+FROZEN = {"gamma": r"operators\.(B_emb|A_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
 RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
 
 
@@ -64,6 +67,7 @@ class AblationConfig:
     baselines, lemon_inits: inits from ``lemon_composer.fusion.init.INITS``.
     lr_sweep: null (off) or multipliers of lr_dims and lr_gamma, each tried for lr_sweep_steps fusion
         steps per LEMON init; the lowest held-out loss picks the rates of that init's full run.
+    trained_operators: auto (the setting's: depth gamma, width dims, both all) | gamma | dims | all.
     prune_steps: > 0 runs Sheared-LLaMA pruning (``lemon_prune``, ``yamls/prune/smollm2_cpu.yaml``) to the
         target for this many steps first; ``shear`` in baselines is the pruned model ("Shear"), in
         lemon_inits a fusion from its folded source with r_h = r_i = 1 ("LEMON-Shear").
@@ -92,6 +96,7 @@ class AblationConfig:
     lr_sweep_steps: int = 10
     model_overrides: dict[str, Any] = field(default_factory=dict)
     prune_steps: int = 0
+    trained_operators: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -134,6 +139,8 @@ class AblationConfig:
                 raise ValueError(f"lr_sweep={sweep!r}: expected null or a non-empty list of distinct positive "
                                  "numbers (multipliers of lr_dims and lr_gamma)")
             self.lr_sweep = [float(m) for m in sweep]
+        if self.trained_operators not in TRAINED:
+            raise ValueError(f"trained_operators={self.trained_operators!r}: expected one of {TRAINED}")
         steps = self.lr_sweep_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"lr_sweep_steps={steps!r}: expected a positive integer (fusion steps per sweep run)")
@@ -170,12 +177,18 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size
     y.optimizer.lr = cfg.lr_dims * mult
     y.optimizer.param_groups[0].lr = cfg.lr_gamma * mult
-    if FROZEN[cfg.setting]:
-        y.optimizer.disable_grad = FROZEN[cfg.setting]
+    frozen = FROZEN[trained_operators(cfg)]
+    if frozen:
+        y.optimizer.disable_grad = frozen
     y.save_folder, y.save_interval, y.save_overwrite = str(out / f"ckpt-{init}"), y.max_duration, True
     path = out / f"fuse-{init}.yaml"
     atomic_write_text(path, om.to_yaml(y))
     return path
+
+
+def trained_operators(cfg: AblationConfig) -> str:
+    """gamma | dims | all: ``trained_operators``, or with ``auto`` the setting's own."""
+    return DEFAULT_TRAINED[cfg.setting] if cfg.trained_operators == "auto" else cfg.trained_operators
 
 
 def _shear_source(cfg: AblationConfig) -> Path:

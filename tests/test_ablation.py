@@ -176,11 +176,26 @@ def test_lr_sweep_then_short_cpt_of_every_candidate(inputs, tmp_path):
     ("model_overrides", {"init": "random"}, "model_overrides: ['init'] are set by the runner"),
     ("baselines", ["cut", "sheer"], "baselines=['cut', 'sheer']: expected a list of inits from ("),
     ("lemon_inits", "cut", "lemon_inits='cut': expected a list of inits from ("),
+    ("trained_operators", "layers", "trained_operators='layers': expected one of ('auto', 'gamma', 'dims', 'all')"),
 ])
 def test_bad_run_keys_are_named_before_anything_loads(inputs, key, value, message):
     root, _ = inputs
     with pytest.raises(ValueError, match=re.escape(message)):  # a missing source would fail later
         config(root, root / "no-source", **{key: value})
+
+
+@pytest.mark.parametrize("trained, frozen", [("auto", r"operators\.(B_emb|A_)"), ("gamma", r"operators\.(B_emb|A_)"),
+                                             ("all", None), ("dims", r"operators\.gamma")])
+def test_trained_operators_choose_what_the_fusion_run_freezes(inputs, tmp_path, trained, frozen):
+    """depth freezes the dimension operators unless trained_operators says otherwise; the regex must
+    match exactly the frozen names (the end-to-end test shows it freezes them in a real run)."""
+    root, source = inputs
+    cfg = config(root, source, out=str(tmp_path), trained_operators=trained)
+    y = om.load(ablation._fusion_yaml(cfg, "cut", tmp_path, 2, 1.0))
+    assert y.optimizer.get("disable_grad") == frozen
+    names = ["operators.gamma.q", "operators.B_emb", "operators.A_ffn"]
+    assert [n for n in names if frozen and re.search(frozen, n)] == {
+        "auto": names[1:], "gamma": names[1:], "all": [], "dims": names[:1]}[trained]
 
 
 def test_every_fusion_init_is_accepted(inputs):

@@ -170,7 +170,7 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
                             _sub(model, "receptive_field", ReceptiveFields),
                             shared_gamma=bool(model.get("shared_gamma", False)),
                             attention=model.get("attention_operator", "rope"),
-                            fold_norms=bool(model.get("fold_norms", False)))
+                            fold_norms=bool(model.get("fold_norms", True)))  # FuseConfig's default
     dtype = model.get("source_dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"

@@ -53,7 +53,7 @@ def test_full_width_pca_is_a_rotation_that_reproduces_an_untied_source():
 
 
 @pytest.mark.parametrize("override,match", [
-    ({}, r"model.init=pca mixes hidden channels: it needs model.fold_norms=true"),
+    ({"fold_norms": False}, r"model.init=pca mixes hidden channels: it needs model.fold_norms=true"),
     ({"fold_norms": True, "receptive_field": dict(r_h=2)}, r"model.init=pca .* needs model.receptive_field.r_h=1, got 2"),
 ])
 def test_pca_needs_folded_norms_and_unit_hidden_field(source_dir, override, match):

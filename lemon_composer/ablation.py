@@ -16,7 +16,8 @@ the multiplier with the lowest held-out loss (mean over domains) sets that init'
 Settings (paper Sec. 4.4): ``depth`` trains only the layer operator (the target keeps every width;
 Table 3), ``width`` only the dimension operators (the target keeps every layer; Table 4), ``both``
 all of them; ``trained_operators`` (gamma | dims | all) overrides that choice, e.g. ``all`` in depth
-lets the (identity-initialised) dimension operators adapt each layer as the 7B recipes do. The generated yamls are kept beside the results as the record of what ran.
+lets the (identity-initialised) dimension operators adapt each layer as the 7B recipes do. The
+generated yamls are kept beside the results as the record of what ran.
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ FUSE_TEMPLATE = REPO / "yamls" / "fuse" / "smollm2_cpu.yaml"
 CPT_TEMPLATE = REPO / "yamls" / "cpt" / "smollm2_cpu.yaml"
 PRUNE_TEMPLATE = REPO / "yamls" / "prune" / "smollm2_cpu.yaml"
 SETTINGS = ("depth", "width", "both")
-TRAINED = ("auto", "gamma", "dims", "all")  # trained_operators; auto: the setting's own (Sec. 4.4)
-DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
 FROZEN = {"gamma": r"operators\.(B_emb|A_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
+TRAINED = ("auto", *FROZEN)  # trained_operators; auto: the setting's own (Sec. 4.4)
+DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
 RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
 
 

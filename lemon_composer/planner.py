@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lemon_composer.cli import run_cli
 from lemon_composer.fusion.plan import FusionPlan, LlamaSizes, ReceptiveFields, TargetShape
+from lemon_composer.models.fuse_config import FuseConfig
 from lemon_composer.sources.load import read_source_config
 
 GIB = 2**30
@@ -170,7 +171,7 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
                             _sub(model, "receptive_field", ReceptiveFields),
                             shared_gamma=bool(model.get("shared_gamma", False)),
                             attention=model.get("attention_operator", "rope"),
-                            fold_norms=bool(model.get("fold_norms", True)))  # FuseConfig's default
+                            fold_norms=bool(model.get("fold_norms", FuseConfig.fold_norms)))
     dtype = model.get("source_dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"

@@ -169,8 +169,8 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
         raise ValueError("model.target is required for lemon_fusion")
     plan = FusionPlan.build(source_cfg, _sub(model, "target", TargetShape),
                             _sub(model, "receptive_field", ReceptiveFields),
-                            shared_gamma=bool(model.get("shared_gamma", False)),
-                            attention=model.get("attention_operator", "rope"),
+                            shared_gamma=bool(model.get("shared_gamma", FuseConfig.shared_gamma)),
+                            attention=model.get("attention_operator", FuseConfig.attention_operator),
                             fold_norms=bool(model.get("fold_norms", FuseConfig.fold_norms)))
     dtype = model.get("source_dtype", "auto")
     if dtype == "auto":

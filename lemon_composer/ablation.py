@@ -58,6 +58,7 @@ SETTINGS = ("depth", "width", "both")
 FROZEN = {"gamma": r"operators\.(B_emb|A_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
 TRAINED = ("auto", *FROZEN)  # trained_operators; auto: the setting's own (Sec. 4.4)
 DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
+DIM_OPERATORS = ("B_emb", "A_attn", "A_kv", "A_ffn")  # fusion/fuse.py's parameter names
 RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
 
 
@@ -74,6 +75,8 @@ class AblationConfig:
         lemon_inits a fusion from its folded source with r_h = r_i = 1 ("LEMON-Shear").
     model_overrides: extra ``model.<key>: <value>`` for every fusion run (sweep runs included) and
         every baseline export (e.g. fold_norms, which ``pca`` needs).
+    lr_operators: per dimension operator (B_emb, A_attn, A_kv, A_ffn) a peak rate in place of lr_dims, e.g.
+        {A_attn: 5.0e-3}; one optimizer param group each, scaled like lr_dims in a sweep.
     """
     source_path: str
     data_dir: str
@@ -98,6 +101,7 @@ class AblationConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     prune_steps: int = 0
     trained_operators: str = "auto"
+    lr_operators: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -110,6 +114,10 @@ class AblationConfig:
             if self.target.get(key) != getattr(src, key):
                 raise ValueError(f"setting={self.setting} keeps the source's {key}={getattr(src, key)}; "
                                  f"target.{key}={self.target.get(key)}")
+        if self.lr_operators and trained_operators(self) == "gamma":
+            raise ValueError(f"lr_operators={self.lr_operators}: the dimension operators are frozen here "
+                             f"(trained_operators={self.trained_operators}, setting={self.setting}); set "
+                             "trained_operators to dims or all")
         read_manifest(self.data_dir, key="data_dir")
         if self.mc_tasks is not None and not Path(self.mc_tasks).is_dir():
             raise ValueError(f"mc_tasks={self.mc_tasks}: no such folder of BIG-bench task.json files")
@@ -145,6 +153,10 @@ class AblationConfig:
         steps = self.lr_sweep_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"lr_sweep_steps={steps!r}: expected a positive integer (fusion steps per sweep run)")
+        rates = self.lr_operators
+        if not isinstance(rates, dict) or set(rates) - set(DIM_OPERATORS) or not all(map(_positive, rates.values())):
+            raise ValueError(f"lr_operators={rates!r}: expected a mapping of {DIM_OPERATORS} to positive rates, "
+                             "e.g. {A_attn: 5.0e-3}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides={self.model_overrides!r}: expected a mapping of model keys to "
                              "values, e.g. {attention_operator: block}")
@@ -178,6 +190,8 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size
     y.optimizer.lr = cfg.lr_dims * mult
     y.optimizer.param_groups[0].lr = cfg.lr_gamma * mult
+    y.optimizer.param_groups += [{"param_str_match": rf"operators\.{name}$", "lr": rate * mult}
+                                 for name, rate in cfg.lr_operators.items()]
     frozen = FROZEN[trained_operators(cfg)]
     if frozen:
         y.optimizer.disable_grad = frozen

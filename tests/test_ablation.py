@@ -198,6 +198,39 @@ def test_trained_operators_choose_what_the_fusion_run_freezes(inputs, tmp_path, 
         "auto": names[1:], "gamma": names[1:], "all": [], "dims": names[:1]}[trained]
 
 
+def test_lr_operators_give_each_named_operator_its_own_rate(inputs, tmp_path):
+    """llm-foundry's optimizer builder, fed the fusion yaml, puts exactly the named operator in a group at
+    its rate (times the sweep multiplier); the others stay at lr_dims, gamma at lr_gamma."""
+    from llmfoundry.utils.builders import build_optimizer
+    root, source = inputs
+    cfg = config(root, source, out=str(tmp_path), trained_operators="all", lr_dims=1e-3, lr_gamma=2e-3,
+                 lr_operators={"A_attn": 4e-3})
+    y = om.to_container(om.load(ablation._fusion_yaml(cfg, "cut", tmp_path, 2, 0.5)))
+    model = torch.nn.Module()
+    model.operators = torch.nn.Module()
+    for name in ("B_emb", "A_attn", "A_ffn"):
+        setattr(model.operators, name, torch.nn.Parameter(torch.zeros(2)))
+    model.operators.gamma = torch.nn.ParameterDict({"q": torch.nn.Parameter(torch.zeros(2))})
+    opt = build_optimizer(model, y["optimizer"].pop("name"), y["optimizer"])
+    ids = {id(p): n for n, p in model.named_parameters()}
+    groups = sorted((g["lr"], sorted(ids[id(p)] for p in g["params"])) for g in opt.param_groups)
+    assert groups == [(5e-4, ["operators.A_ffn", "operators.B_emb"]), (1e-3, ["operators.gamma.q"]),
+                      (2e-3, ["operators.A_attn"])]
+
+
+@pytest.mark.parametrize("value", [{"A_mlp": 1e-3}, {"A_attn": 0.0}, {"gamma": 1e-3}, ["A_attn"]])
+def test_bad_lr_operators_are_named(inputs, value):
+    root, _ = inputs
+    with pytest.raises(ValueError, match=re.escape(f"lr_operators={value!r}: expected a mapping of")):
+        config(root, root / "no-source", lr_operators=value)
+
+
+def test_lr_operators_need_trained_dimension_operators(inputs):
+    root, source = inputs
+    with pytest.raises(ValueError, match="the dimension operators are frozen here"):
+        config(root, source, lr_operators={"A_ffn": 1e-3})
+
+
 def test_every_fusion_init_is_accepted(inputs):
     from lemon_composer.fusion.init import INITS
     root, source = inputs

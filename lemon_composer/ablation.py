@@ -43,6 +43,7 @@ from lemon_composer.atomic import atomic_write_text
 from lemon_composer.cli import run_cli
 from lemon_composer.config_types import check_arguments
 from lemon_composer.data.manifest import read_manifest
+from lemon_composer.data.mixing import check_proportions
 from lemon_composer.eval.perplexity import domain_perplexity
 from lemon_composer.export import export_baseline, export_checkpoint
 from lemon_composer.fusion.init import CALIBRATED_INITS, INITS
@@ -77,6 +78,9 @@ class AblationConfig:
         every baseline export (e.g. fold_norms, which ``pca`` needs).
     lr_operators: per dimension operator (B_emb, A_attn, A_kv, A_ffn) a peak rate in place of lr_dims, e.g.
         {A_attn: 5.0e-3}; one optimizer param group each, scaled like lr_dims in a sweep.
+    train_proportions: null (the template's loader: rows in proportion to each domain's train rows),
+        ``uniform`` or one number per domain (sorted names): the fusion runs' domain mixture (``lemon_mixture``),
+        as the short CPT already mixes uniformly; the held-out loss is a mean over domains.
     """
     source_path: str
     data_dir: str
@@ -102,6 +106,7 @@ class AblationConfig:
     prune_steps: int = 0
     trained_operators: str = "auto"
     lr_operators: dict[str, float] = field(default_factory=dict)
+    train_proportions: str | list[float] | None = None
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -118,7 +123,8 @@ class AblationConfig:
             raise ValueError(f"lr_operators={self.lr_operators}: the dimension operators are frozen here "
                              f"(trained_operators={self.trained_operators}, setting={self.setting}); set "
                              "trained_operators to dims or all")
-        read_manifest(self.data_dir, key="data_dir")
+        domains = sorted(read_manifest(self.data_dir, key="data_dir")["domains"])
+        self._check_train_proportions(domains)
         if self.mc_tasks is not None and not Path(self.mc_tasks).is_dir():
             raise ValueError(f"mc_tasks={self.mc_tasks}: no such folder of BIG-bench task.json files")
 
@@ -166,6 +172,20 @@ class AblationConfig:
                              "receptive_field, lemon_inits); set those keys instead")
 
 
+    def _check_train_proportions(self, domains: list[str]) -> None:
+        """null, ``uniform`` or one positive number per domain of ``data_dir``; ``uniform`` becomes 1/k each."""
+        value = self.train_proportions
+        if value is None:
+            return
+        if value == "uniform":
+            self.train_proportions = [1.0 / len(domains)] * len(domains)
+            return
+        if not isinstance(value, (list, tuple)) or not all(map(_positive, value)):
+            raise ValueError(f"train_proportions={value!r}: expected null, uniform or a list of positive numbers, "
+                             f"one per domain {domains}")
+        self.train_proportions = [float(v) for v in check_proportions(value, domains, key="train_proportions")]
+
+
 def _positive(x: Any) -> bool:
     """A finite number > 0 (not a bool)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
@@ -185,6 +205,8 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     if init in CALIBRATED_INITS:
         y.model.calibration = {"data_dir": cfg.data_dir}
     y.merge_with({"model": cfg.model_overrides})
+    if cfg.train_proportions is not None:
+        y.train_loader = _mixture_loader(cfg)
     y.max_duration = f"{steps}ba"
     y.eval_interval = f"{max(1, steps // 4)}ba"
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size
@@ -199,6 +221,13 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     path = out / f"fuse-{init}.yaml"
     atomic_write_text(path, om.to_yaml(y))
     return path
+
+
+def _mixture_loader(cfg: AblationConfig) -> dict[str, Any]:
+    """The fusion train loader for ``train_proportions``: every domain of ``data_dir`` at its proportion."""
+    return {"name": "lemon_mixture", "data_dir": "${variables.data_dir}", "split": "train",
+            "domains": sorted(read_manifest(cfg.data_dir)["domains"]), "proportions": list(cfg.train_proportions),
+            "seed": "${seed}", "max_seq_len": "${variables.seq_len}", "num_workers": 0}
 
 
 def trained_operators(cfg: AblationConfig) -> str:

@@ -231,6 +231,37 @@ def test_lr_operators_need_trained_dimension_operators(inputs):
         config(root, source, lr_operators={"A_ffn": 1e-3})
 
 
+@pytest.mark.parametrize("value, expected", [("uniform", [0.5, 0.5]), ([9, 1], [0.9, 0.1])])
+def test_train_proportions_set_the_fusion_runs_domain_mixture(inputs, tmp_path, tiny_tokenizer, value, expected):
+    """The fusion yaml's train loader, built by llm-foundry's registry entry, draws the domains (alpha, beta)
+    at the asked proportions; without the key the template's loader is kept."""
+    from transformers import AutoTokenizer
+
+    from llmfoundry_patches.dataloaders import build_mixture_dataloader
+    root, source = inputs
+    plain = om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path)), "cut", tmp_path, 2, 1.0))
+    assert plain.train_loader.name == "lemon_domains"
+    cfg = config(root, source, out=str(tmp_path), train_proportions=value)
+    y = om.load(ablation._fusion_yaml(cfg, "cut", tmp_path, 2, 1.0))
+    loader_cfg = om.to_container(y.train_loader, resolve=True)
+    assert loader_cfg.pop("name") == "lemon_mixture" and loader_cfg["proportions"] == pytest.approx(expected)
+    spec = build_mixture_dataloader(AutoTokenizer.from_pretrained(str(tiny_tokenizer)), 4, **loader_cfg)
+    batches = [b for _, b in zip(range(100), spec.dataloader)]
+    counts = torch.bincount(torch.cat([b["domain"] for b in batches]), minlength=2).double()
+    assert (counts / counts.sum()).tolist() == pytest.approx(expected, abs=0.06)  # 400 draws: sd <= 0.025
+
+
+@pytest.mark.parametrize("value, message", [
+    ("even", "train_proportions='even': expected null, uniform or a list of positive numbers, one per domain"),
+    ([1.0, 0.0], "train_proportions=[1.0, 0.0]: expected null, uniform or a list of positive numbers"),
+    ([1.0, 1.0, 1.0], "train_proportions=[1.0, 1.0, 1.0]: expected 2 values, one per domain ['alpha', 'beta']"),
+])
+def test_bad_train_proportions_are_named(inputs, value, message):
+    root, source = inputs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(root, source, train_proportions=value)
+
+
 def test_every_fusion_init_is_accepted(inputs):
     from lemon_composer.fusion.init import INITS
     root, source = inputs

@@ -171,7 +171,6 @@ class AblationConfig:
             raise ValueError(f"model_overrides: {owned} are set by the runner (from source_path, target, "
                              "receptive_field, lemon_inits); set those keys instead")
 
-
     def _check_train_proportions(self, domains: list[str]) -> None:
         """null, ``uniform`` or one positive number per domain of ``data_dir``; ``uniform`` becomes 1/k each."""
         value = self.train_proportions

@@ -56,6 +56,8 @@ FUSE_TEMPLATE = REPO / "yamls" / "fuse" / "smollm2_cpu.yaml"
 CPT_TEMPLATE = REPO / "yamls" / "cpt" / "smollm2_cpu.yaml"
 PRUNE_TEMPLATE = REPO / "yamls" / "prune" / "smollm2_cpu.yaml"
 SETTINGS = ("depth", "width", "both")
+# llm-foundry's scheduler registry (a test checks it), for fusion_scheduler
+SCHEDULERS = ("constant_with_warmup", "cosine_with_warmup", "linear_decay_with_warmup", "inv_sqrt_with_warmup")
 FROZEN = {"gamma": r"operators\.(B_emb|A_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
 TRAINED = ("auto", *FROZEN)  # trained_operators; auto: the setting's own (Sec. 4.4)
 DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
@@ -81,6 +83,9 @@ class AblationConfig:
     train_proportions: null (the template's loader: rows in proportion to each domain's train rows),
         ``uniform`` or one number per domain (sorted names): the fusion runs' domain mixture (``lemon_mixture``),
         as the short CPT already mixes uniformly; the held-out loss is a mean over domains.
+    fusion_scheduler: null (the template's cosine_with_warmup) or a scheduler mapping for every fusion run,
+        e.g. {name: linear_decay_with_warmup, t_warmup: 0.05dur, alpha_f: 0.0}; ``name`` from llm-foundry's
+        scheduler registry.
     """
     source_path: str
     data_dir: str
@@ -107,6 +112,7 @@ class AblationConfig:
     trained_operators: str = "auto"
     lr_operators: dict[str, float] = field(default_factory=dict)
     train_proportions: str | list[float] | None = None
+    fusion_scheduler: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -166,6 +172,10 @@ class AblationConfig:
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides={self.model_overrides!r}: expected a mapping of model keys to "
                              "values, e.g. {attention_operator: block}")
+        sched = self.fusion_scheduler
+        if sched is not None and not (isinstance(sched, dict) and sched.get("name") in SCHEDULERS):
+            raise ValueError(f"fusion_scheduler={sched!r}: expected null or a mapping whose name is one of "
+                             f"{SCHEDULERS}, e.g. {{name: linear_decay_with_warmup, t_warmup: 0.05dur, alpha_f: 0.0}}")
         owned = sorted(set(self.model_overrides) & set(RUNNER_MODEL_KEYS))
         if owned:
             raise ValueError(f"model_overrides: {owned} are set by the runner (from source_path, target, "
@@ -206,6 +216,8 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     y.merge_with({"model": cfg.model_overrides})
     if cfg.train_proportions is not None:
         y.train_loader = _mixture_loader(cfg)
+    if cfg.fusion_scheduler is not None:
+        y.scheduler = dict(cfg.fusion_scheduler)
     y.max_duration = f"{steps}ba"
     y.eval_interval = f"{max(1, steps // 4)}ba"
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size

@@ -262,6 +262,36 @@ def test_bad_train_proportions_are_named(inputs, value, message):
         config(root, source, train_proportions=value)
 
 
+def test_fusion_scheduler_replaces_the_templates_schedule(inputs, tmp_path):
+    """Built by llm-foundry's registry from the fusion yaml, the schedule warms up over 5% of the run and
+    decays linearly to zero; without the key the template's cosine (alpha_f 0.1) is kept."""
+    from types import SimpleNamespace
+
+    from composer.core import Time, Timestamp
+    from llmfoundry import registry
+    from llmfoundry.utils.builders import build_scheduler
+    assert set(ablation.SCHEDULERS) <= set(registry.schedulers.get_all())
+    root, source = inputs
+
+    def multipliers(cfg):
+        sched = om.to_container(om.load(ablation._fusion_yaml(cfg, "cut", tmp_path, 200, 1.0)).scheduler)
+        scheduler = build_scheduler(sched.pop("name"), sched)
+        return [scheduler(SimpleNamespace(max_duration=Time.from_timestring("200ba"), timestamp=Timestamp(batch=b),
+                                          dataloader_len=None)) for b in (5, 10, 105, 200)]
+    d2z = {"name": "linear_decay_with_warmup", "t_warmup": "0.05dur", "alpha_f": 0.0}
+    assert multipliers(config(root, source, out=str(tmp_path), fusion_scheduler=d2z)) == pytest.approx(
+        [0.5, 1.0, 0.5, 0.0])
+    assert multipliers(config(root, source, out=str(tmp_path)))[3] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("value", ["linear", {"t_warmup": "0.1dur"}, {"name": "cosine"}])
+def test_bad_fusion_scheduler_is_named(inputs, value):
+    root, _ = inputs
+    with pytest.raises(ValueError, match=re.escape(f"fusion_scheduler={value!r}: expected null or a mapping whose "
+                                                   "name is one of ('constant_with_warmup'")):
+        config(root, root / "no-source", fusion_scheduler=value)
+
+
 def test_every_fusion_init_is_accepted(inputs):
     from lemon_composer.fusion.init import INITS
     root, source = inputs

@@ -6,6 +6,7 @@ q, k, v, o mixes heads per rotary frequency by default, ``plan.attention``):
     o, down:           W'_i = Σ_j gamma_ij B_emb W_j A_j^T
     ln1, ln2:          w'_i = Σ_j gamma_ij B_emb w_j   (1 with ``fold_norms``: the gains are in q, k, v, up, gate)
     embedding E' = E B_emb^T, lm_head H' = H B_emb^T, final norm B_emb w.
+With ``norm_gains`` every target gain above is then scaled by (1 + G_norm[i]) or (1 + G_final).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ LAYER_WEIGHTS = {
 
 
 class FusionOperators(nn.Module):
-    """The only trainable parameters of fusion: B_emb, A_attn, (A_kv), A_ffn, gamma.<kind>.
+    """The only trainable parameters of fusion: B_emb, A_attn, (A_kv), A_ffn, gamma.<kind>, (G_norm, G_final).
 
     Initialised to zeros; an initialiser (``lemon_composer.fusion.init``) sets the values.
     """
@@ -40,6 +41,8 @@ class FusionOperators(nn.Module):
         self.A_ffn = nn.Parameter(torch.zeros(shapes["A_ffn"]))
         self.gamma = nn.ParameterDict({k: nn.Parameter(torch.zeros(shapes[f"gamma.{k}"]))
                                        for k in plan.gamma_kinds})
+        self.G_norm = nn.Parameter(torch.zeros(shapes["G_norm"])) if plan.norm_gains else None
+        self.G_final = nn.Parameter(torch.zeros(shapes["G_final"])) if plan.norm_gains else None
 
     def tensors(self, *, train_dims: bool = True, train_layers: bool = True) -> dict[str, Tensor]:
         """The operators by name (``plan.operator_shapes()``); a group not trained is detached (App. A.4 stages)."""
@@ -179,6 +182,23 @@ def to_state_dict(plan: FusionPlan, layers: dict[str, Tensor], shared: dict[str,
     return out
 
 
+def apply_norm_gains(plan: FusionPlan, ops: dict[str, Tensor], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``norm_gains`` (beyond the paper): each target RMSNorm gain w'_i times (1 + G_norm[i]), the final one
+    times (1 + G_final). The fused gains are B_emb-mixes of the source's, tied to the shared basis; these
+    per-layer corrections let each target layer rescale the channels it reads, which no LEMON operator can
+    (A_j acts on the head / FFN side). Zero at init: every init stays exact. Without it, ``state`` as is.
+    """
+    if not plan.norm_gains:
+        return state
+    out = dict(state)
+    for i in range(plan.target.layers):
+        for n, kind in enumerate(NORMS):
+            name = f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"
+            out[name] = state[name] * (1 + ops["G_norm"][i, n].to(state[name].dtype))
+    out["model.norm.weight"] = state["model.norm.weight"] * (1 + ops["G_final"].to(state["model.norm.weight"].dtype))
+    return out
+
+
 def fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
          source: dict[str, Tensor]) -> dict[str, Tensor]:
     """Emit the full target state dict in ``LlamaForCausalLM`` naming (Eq. 2, Algorithm 1).
@@ -189,4 +209,5 @@ def fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
         stacked: ``stack_layers(source)`` (computed once; the source is frozen).
         source: the source state dict (embedding, final norm, lm_head are read from it).
     """
-    return to_state_dict(plan, mix_layers(plan, ops, dimension_fuse(plan, ops, stacked)), fuse_shared(plan, ops, source))
+    state = to_state_dict(plan, mix_layers(plan, ops, dimension_fuse(plan, ops, stacked)), fuse_shared(plan, ops, source))
+    return apply_norm_gains(plan, ops, state)

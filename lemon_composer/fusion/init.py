@@ -135,6 +135,8 @@ def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
     for kind in plan.gamma_kinds:
         values[f"gamma.{kind}"] = sel.gamma_by_kind.get(kind, sel.gamma).clone()
     shapes = plan.operator_shapes()
+    if plan.norm_gains:  # no gain correction: the selection's own gains
+        values["G_norm"], values["G_final"] = torch.zeros(shapes["G_norm"]), torch.zeros(shapes["G_final"])
     for name, value in values.items():
         if tuple(value.shape) != shapes[name]:
             raise ValueError(f"selection gives {name} of shape {tuple(value.shape)}, plan expects {shapes[name]}")

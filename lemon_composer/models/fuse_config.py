@@ -45,6 +45,9 @@ class FuseConfig:
         Default true: exact at every selection init, and lower held-out loss on all 7 domains in the
         measured width run (docs/results/redpajama_width_fold); false gives the paper's fused gains B_emb w.
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
+    norm_gains: beyond the paper, train per-target-layer RMSNorm gain corrections G_norm (L2, 2, D2) and
+        G_final (D2): each fused gain times (1 + G), zero at init (``fuse.apply_norm_gains``). They train
+        with the dimension operators. Default false (the paper's operators only).
     init: cut | identity | random | avg | prune | lsq | pca | shear; init_seed for random; calibration
         for prune, lsq and pca; shear: source_path is a pruning run's folded source (``lemon-export
         --folded-source``), the operators select what its masks kept (r_h = r_i = 1).
@@ -64,6 +67,7 @@ class FuseConfig:
     attention_operator: str = "rope"
     fold_norms: bool = True
     shared_gamma: bool = False
+    norm_gains: bool = False
     init: str = "cut"
     init_seed: int = 0
     calibration: CalibrationConfig | None = None
@@ -119,6 +123,8 @@ class FuseConfig:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
         if not isinstance(self.fold_norms, bool):
             raise ValueError(f"model.fold_norms={self.fold_norms!r}: expected true or false")
+        if not isinstance(self.norm_gains, bool):
+            raise ValueError(f"model.norm_gains={self.norm_gains!r}: expected true or false")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: expected true or false")
         if self.attention_operator not in ATTENTION_OPERATORS:

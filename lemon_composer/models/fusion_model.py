@@ -32,8 +32,8 @@ from transformers import LlamaForCausalLM
 
 from lemon_composer.data.calibration import calibration_batches
 from lemon_composer.fusion.fold import fold_norms
-from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, dimension_fuse, fuse_shared,
-                                        mix_layers, stack_layers, to_state_dict)
+from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, apply_norm_gains, dimension_fuse,
+                                        fuse_shared, mix_layers, stack_layers, to_state_dict)
 from lemon_composer.fusion.init import (Selection, cut_selection, identity_selection, operator_values,
                                         random_selection)
 from lemon_composer.fusion.plan import FusionPlan
@@ -95,7 +95,8 @@ class LemonFusionModel(ComposerModel):
         self.plan = FusionPlan.build(source_cfg, self.cfg.target, self.cfg.receptive_field,
                                      shared_gamma=self.cfg.shared_gamma,
                                      attention=self.cfg.attention_operator,
-                                     fold_norms=self.cfg.fold_norms)  # shapes checked before weights load
+                                     fold_norms=self.cfg.fold_norms,
+                                     norm_gains=self.cfg.norm_gains)  # shapes checked before weights load
         attn = resolve_attn_implementation(self.cfg.attn_implementation)
         if self.cfg.init_device == "meta":
             with torch.device("meta"):
@@ -185,13 +186,17 @@ class LemonFusionModel(ComposerModel):
     def _sharded(self) -> bool:
         return self.cfg.fusion_parallel == "sharded" and dist.get_world_size() > 1
 
+    def _operator_tensors(self) -> dict[str, Tensor]:
+        """The operators by name, a group the current stage does not train detached."""
+        return self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
+
     def _fuse(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The fused layer stacks and shared weights (``to_state_dict``'s inputs), differentiable w.r.t. the operators.
 
         Sharded: this rank fuses its share of the source layers and one all-reduce sums the shares.
         """
         self._place_source(self.operators.B_emb.device)
-        ops = self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
+        ops = self._operator_tensors()
         sharded = self._sharded()
         sources = (source_share(self.plan.source.layers, dist.get_global_rank(), dist.get_world_size())
                    if sharded else slice(None))
@@ -227,7 +232,7 @@ class LemonFusionModel(ComposerModel):
 
     def fused_state_dict(self) -> dict[str, Tensor]:
         """The target's weights in ``LlamaForCausalLM`` naming (differentiable w.r.t. the operators)."""
-        return to_state_dict(self.plan, *self._fuse())
+        return apply_norm_gains(self.plan, self._operator_tensors(), to_state_dict(self.plan, *self._fuse()))
 
     def begin_step(self, num_microbatches: int) -> None:
         """Fuse once for the optimizer step whose ``num_microbatches`` training forwards follow."""

@@ -1,0 +1,94 @@
+"""``norm_gains``: per-target-layer RMSNorm gain corrections G_norm / G_final (beyond the paper).
+
+Zero at init, so every selection init still equals the sliced baseline; any value scales exactly the
+target's norm weights (checked against the sliced HF model with its gains multiplied by hand); they
+train with the dimension operators and the export carries them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from fusion_helpers import reference_baseline, tiny_config, tiny_source
+from lemon_composer.ablation import FROZEN
+from lemon_composer.export import export_checkpoint
+from lemon_composer.fusion.init import cut_selection, operator_values, random_selection
+from lemon_composer.fusion.plan import FusionPlan
+from lemon_composer.models.fusion_model import LemonFusionModel
+from test_export import batches, make_source, reload_logits, train_and_checkpoint
+from test_fold_norms import folded, fused_logits
+from test_fusion_math import IDS, SHAPES
+from test_fusion_model import make, source_dir  # noqa: F401  (fixture)
+
+
+def gains_case(shape: str, fold: bool):
+    src_kw, target, rf = SHAPES[shape]
+    cfg = tiny_config(**src_kw)
+    source = tiny_source(cfg).double()
+    return source, FusionPlan.build(cfg, target, rf, fold_norms=fold, norm_gains=True)
+
+
+@pytest.mark.parametrize("init", ["cut", "random"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_zero_gains_keep_selection_inits_exact(shape, init):
+    source, plan = gains_case(shape, fold=False)
+    sel = cut_selection(plan) if init == "cut" else random_selection(plan, seed=3)
+    values = operator_values(plan, sel)
+    assert not values["G_norm"].any() and not values["G_final"].any()
+    with torch.no_grad():
+        got = fused_logits(source, plan, values)
+        ref = reference_baseline(source, plan, sel)(IDS).logits
+    torch.testing.assert_close(got.float(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("shape", ["gqa_depth_and_width", "mha_tied"])
+def test_gains_scale_exactly_the_target_norms(shape, fold):
+    source, plan = gains_case(shape, fold)
+    sel = random_selection(plan, seed=5)
+    values = operator_values(plan, sel)
+    g = torch.Generator().manual_seed(1)
+    values["G_norm"] = 0.5 * torch.randn(plan.operator_shapes()["G_norm"], generator=g)
+    values["G_final"] = 0.5 * torch.randn(plan.operator_shapes()["G_final"], generator=g)
+    ref = reference_baseline(source, plan, sel)  # the paper's gains, built by slicing the HF weights
+    if fold:  # the folded source's gains are 1 (fold.py) except a tied head's final norm
+        ref = reference_baseline(folded(source), dataclasses.replace(plan, fold_norms=False), sel)
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):
+            layer.input_layernorm.weight.mul_(1 + values["G_norm"][i, 0].float())
+            layer.post_attention_layernorm.weight.mul_(1 + values["G_norm"][i, 1].float())
+        ref.model.norm.weight.mul_(1 + values["G_final"].float())
+        got = fused_logits(folded(source) if fold else source, plan, values)
+        expected = ref(IDS).logits
+        plain = reference_baseline(source, plan, sel)(IDS).logits
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-5)
+    assert (got.float() - plain).abs().max() > 1e-2  # the gains do change the function
+
+
+def test_gains_train_and_export_with_the_checkpoint(tmp_path, tiny_tokenizer):
+    src = make_source(tmp_path / "src", tiny_tokenizer)
+    model = LemonFusionModel(source_path=str(src), attn_implementation="sdpa", norm_gains=True,
+                             target=dict(hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                                         num_hidden_layers=2))
+    ckpt = train_and_checkpoint(model, tmp_path / "ckpt")
+    assert model.operators.G_norm.abs().min() > 0 and model.operators.G_final.abs().min() > 0  # every gain moved
+    out = export_checkpoint(ckpt, tmp_path / "hf")
+    b = batches(model.plan.source.vocab, n=1, seed=9)[0]
+    with torch.no_grad():
+        expected = model.logits(model(b))[0]
+    got, _ = reload_logits(out, b["input_ids"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gamma_only_runs_freeze_the_gains():
+    frozen = re.compile(FROZEN["gamma"])
+    assert frozen.search("operators.G_norm") and frozen.search("operators.G_final")
+    assert not frozen.search("operators.gamma.shared")
+
+
+def test_norm_gains_must_be_a_flag(source_dir):
+    with pytest.raises(ValueError, match=r"model.norm_gains='yes': expected true or false"):
+        make(source_dir, norm_gains="yes")

@@ -68,7 +68,7 @@ def test_evaluation_fuses_once(source_dir, monkeypatch):
     model.eval()
     calls = []
     fuse = model._fuse
-    monkeypatch.setattr(model, "_fuse", lambda: calls.append(1) or fuse())
+    monkeypatch.setattr(model, "_fuse", lambda ops: calls.append(1) or fuse(ops))
     with torch.no_grad():
         expected = [model.eval_forward(batch(s))["stats"].ce for s in range(3)]
         assert len(calls) == 3  # without the algorithm: one fusion per batch

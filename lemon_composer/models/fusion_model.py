@@ -186,17 +186,12 @@ class LemonFusionModel(ComposerModel):
     def _sharded(self) -> bool:
         return self.cfg.fusion_parallel == "sharded" and dist.get_world_size() > 1
 
-    def _operator_tensors(self) -> dict[str, Tensor]:
-        """The operators by name, a group the current stage does not train detached."""
-        return self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
-
-    def _fuse(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The fused layer stacks and shared weights (``to_state_dict``'s inputs), differentiable w.r.t. the operators.
+    def _fuse(self, ops: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The fused layer stacks and shared weights (``to_state_dict``'s inputs), differentiable w.r.t. ``ops``.
 
         Sharded: this rank fuses its share of the source layers and one all-reduce sums the shares.
         """
         self._place_source(self.operators.B_emb.device)
-        ops = self._operator_tensors()
         sharded = self._sharded()
         sources = (source_share(self.plan.source.layers, dist.get_global_rank(), dist.get_world_size())
                    if sharded else slice(None))
@@ -232,7 +227,8 @@ class LemonFusionModel(ComposerModel):
 
     def fused_state_dict(self) -> dict[str, Tensor]:
         """The target's weights in ``LlamaForCausalLM`` naming (differentiable w.r.t. the operators)."""
-        return apply_norm_gains(self.plan, self._operator_tensors(), to_state_dict(self.plan, *self._fuse()))
+        ops = self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
+        return apply_norm_gains(self.plan, ops, to_state_dict(self.plan, *self._fuse(ops)))
 
     def begin_step(self, num_microbatches: int) -> None:
         """Fuse once for the optimizer step whose ``num_microbatches`` training forwards follow."""

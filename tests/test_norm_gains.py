@@ -1,7 +1,8 @@
-"""``norm_gains``: per-target-layer RMSNorm gain corrections G_norm / G_final (beyond the paper).
+"""``norm_gains`` / ``output_gains``: per-target-layer corrections beyond the paper, G_norm / G_final
+(RMSNorm gains) and G_out (output channels of o and down).
 
 Zero at init, so every selection init still equals the sliced baseline; any value scales exactly the
-target's norm weights (checked against the sliced HF model with its gains multiplied by hand); they
+target's norm weights and o / down rows (checked against the sliced HF model scaled by hand); they
 train with the dimension operators and the export carries them.
 """
 from __future__ import annotations
@@ -24,20 +25,20 @@ from test_fusion_math import IDS, SHAPES
 from test_fusion_model import make, source_dir  # noqa: F401  (fixture)
 
 
-def gains_case(shape: str, fold: bool):
+def gains_case(shape: str, fold: bool, *, output: bool = False):
     src_kw, target, rf = SHAPES[shape]
     cfg = tiny_config(**src_kw)
     source = tiny_source(cfg).double()
-    return source, FusionPlan.build(cfg, target, rf, fold_norms=fold, norm_gains=True)
+    return source, FusionPlan.build(cfg, target, rf, fold_norms=fold, norm_gains=True, output_gains=output)
 
 
 @pytest.mark.parametrize("init", ["cut", "random"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_zero_gains_keep_selection_inits_exact(shape, init):
-    source, plan = gains_case(shape, fold=False)
+    source, plan = gains_case(shape, fold=False, output=True)
     sel = cut_selection(plan) if init == "cut" else random_selection(plan, seed=3)
     values = operator_values(plan, sel)
-    assert not values["G_norm"].any() and not values["G_final"].any()
+    assert not values["G_norm"].any() and not values["G_final"].any() and not values["G_out"].any()
     with torch.no_grad():
         got = fused_logits(source, plan, values)
         ref = reference_baseline(source, plan, sel)(IDS).logits
@@ -68,13 +69,33 @@ def test_gains_scale_exactly_the_target_norms(shape, fold):
     assert (got.float() - plain).abs().max() > 1e-2  # the gains do change the function
 
 
+@pytest.mark.parametrize("shape", ["gqa_depth_and_width", "mha_tied"])
+def test_output_gains_scale_exactly_the_o_and_down_rows(shape):
+    source, plan = gains_case(shape, fold=False, output=True)
+    sel = random_selection(plan, seed=5)
+    values = operator_values(plan, sel)
+    g = torch.Generator().manual_seed(2)
+    values["G_out"] = 0.5 * torch.randn(plan.operator_shapes()["G_out"], generator=g)
+    ref = reference_baseline(source, plan, sel)
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):  # HF weights are (out, in): a row is an output channel
+            layer.self_attn.o_proj.weight.mul_(1 + values["G_out"][i, 0].float()[:, None])
+            layer.mlp.down_proj.weight.mul_(1 + values["G_out"][i, 1].float()[:, None])
+        got = fused_logits(source, plan, values)
+        expected = ref(IDS).logits
+        plain = reference_baseline(source, plan, sel)(IDS).logits
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-5)
+    assert (got.float() - plain).abs().max() > 1e-2  # the output gains do change the function
+
+
 def test_gains_train_and_export_with_the_checkpoint(tmp_path, tiny_tokenizer):
     src = make_source(tmp_path / "src", tiny_tokenizer)
-    model = LemonFusionModel(source_path=str(src), attn_implementation="sdpa", norm_gains=True,
+    model = LemonFusionModel(source_path=str(src), attn_implementation="sdpa", norm_gains=True, output_gains=True,
                              target=dict(hidden_size=32, intermediate_size=48, num_attention_heads=2,
                                          num_hidden_layers=2))
     ckpt = train_and_checkpoint(model, tmp_path / "ckpt")
-    assert model.operators.G_norm.abs().min() > 0 and model.operators.G_final.abs().min() > 0  # every gain moved
+    ops = model.operators
+    assert min(ops.G_norm.abs().min(), ops.G_final.abs().min(), ops.G_out.abs().min()) > 0  # every gain moved
     out = export_checkpoint(ckpt, tmp_path / "hf")
     b = batches(model.plan.source.vocab, n=1, seed=9)[0]
     with torch.no_grad():
@@ -85,10 +106,11 @@ def test_gains_train_and_export_with_the_checkpoint(tmp_path, tiny_tokenizer):
 
 def test_gamma_only_runs_freeze_the_gains():
     frozen = re.compile(FROZEN["gamma"])
-    assert frozen.search("operators.G_norm") and frozen.search("operators.G_final")
+    assert frozen.search("operators.G_norm") and frozen.search("operators.G_final") and frozen.search("operators.G_out")
     assert not frozen.search("operators.gamma.shared")
 
 
-def test_norm_gains_must_be_a_flag(source_dir):
-    with pytest.raises(ValueError, match=r"model.norm_gains='yes': expected true or false"):
-        make(source_dir, norm_gains="yes")
+@pytest.mark.parametrize("key", ["norm_gains", "output_gains"])
+def test_gains_must_be_a_flag(source_dir, key):
+    with pytest.raises(ValueError, match=rf"model.{key}='yes': expected true or false"):
+        make(source_dir, **{key: "yes"})

@@ -6,7 +6,8 @@ q, k, v, o mixes heads per rotary frequency by default, ``plan.attention``):
     o, down:           W'_i = Σ_j gamma_ij B_emb W_j A_j^T
     ln1, ln2:          w'_i = Σ_j gamma_ij B_emb w_j   (1 with ``fold_norms``: the gains are in q, k, v, up, gate)
     embedding E' = E B_emb^T, lm_head H' = H B_emb^T, final norm B_emb w.
-With ``norm_gains`` every target gain above is then scaled by (1 + G_norm[i]) or (1 + G_final).
+With ``norm_gains`` every target gain above is then scaled by (1 + G_norm[i]) or (1 + G_final); with
+``output_gains`` every row of o'_i and down'_i by (1 + G_out[i]).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ LAYER_WEIGHTS = {
 
 
 class FusionOperators(nn.Module):
-    """The only trainable parameters of fusion: B_emb, A_attn, (A_kv), A_ffn, gamma.<kind>, (G_norm, G_final).
+    """The only trainable parameters of fusion: B_emb, A_attn, (A_kv), A_ffn, gamma.<kind>, (G_norm, G_final, G_out).
 
     Initialised to zeros; an initialiser (``lemon_composer.fusion.init``) sets the values.
     """
@@ -43,6 +44,7 @@ class FusionOperators(nn.Module):
                                        for k in plan.gamma_kinds})
         self.G_norm = nn.Parameter(torch.zeros(shapes["G_norm"])) if plan.norm_gains else None
         self.G_final = nn.Parameter(torch.zeros(shapes["G_final"])) if plan.norm_gains else None
+        self.G_out = nn.Parameter(torch.zeros(shapes["G_out"])) if plan.output_gains else None
 
     def tensors(self, *, train_dims: bool = True, train_layers: bool = True) -> dict[str, Tensor]:
         """The operators by name (``plan.operator_shapes()``); a group not trained is detached (App. A.4 stages)."""
@@ -182,20 +184,31 @@ def to_state_dict(plan: FusionPlan, layers: dict[str, Tensor], shared: dict[str,
     return out
 
 
-def apply_norm_gains(plan: FusionPlan, ops: dict[str, Tensor], state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``norm_gains`` (beyond the paper): each target RMSNorm gain w'_i times (1 + G_norm[i]), the final one
-    times (1 + G_final). The fused gains are B_emb-mixes of the source's, tied to the shared basis; these
-    per-layer corrections let each target layer rescale the channels it reads, which no LEMON operator can
-    (A_j acts on the head / FFN side). Zero at init: every init stays exact. Without it, ``state`` as is.
+def apply_gains(plan: FusionPlan, ops: dict[str, Tensor], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The per-target-layer corrections beyond the paper, zero at init (every init stays exact); without
+    either flag, ``state`` as is.
+
+    ``norm_gains``: each target RMSNorm gain w'_i times (1 + G_norm[i]), the final one times (1 + G_final).
+    The fused gains are B_emb-mixes of the source's, tied to the shared basis; these let each target
+    layer rescale the channels it reads, which no LEMON operator can (A_j acts on the head / FFN side).
+    ``output_gains``: each row (hidden output channel) of o'_i and down'_i times (1 + G_out[i]): the same
+    freedom on the side each layer writes to the residual stream.
     """
-    if not plan.norm_gains:
+    if not (plan.norm_gains or plan.output_gains):
         return state
     out = dict(state)
+
+    def scale(name: str, g: Tensor) -> None:  # g (D2,): per hidden channel, the leading dim of every weight here
+        w = state[name]
+        out[name] = w * (1 + g.to(w.dtype)).reshape(-1, *([1] * (w.dim() - 1)))  # (D2[, in])
+
     for i in range(plan.target.layers):
-        for n, kind in enumerate(NORMS):
-            name = f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"
-            out[name] = state[name] * (1 + ops["G_norm"][i, n].to(state[name].dtype))
-    out["model.norm.weight"] = state["model.norm.weight"] * (1 + ops["G_final"].to(state["model.norm.weight"].dtype))
+        for n, kind in enumerate(NORMS if plan.norm_gains else ()):
+            scale(f"model.layers.{i}.{LAYER_WEIGHTS[kind]}", ops["G_norm"][i, n])
+        for n, kind in enumerate(("o", "down") if plan.output_gains else ()):
+            scale(f"model.layers.{i}.{LAYER_WEIGHTS[kind]}", ops["G_out"][i, n])
+    if plan.norm_gains:
+        scale("model.norm.weight", ops["G_final"])
     return out
 
 
@@ -210,4 +223,4 @@ def fuse(plan: FusionPlan, ops: dict[str, Tensor], stacked: dict[str, Tensor],
         source: the source state dict (embedding, final norm, lm_head are read from it).
     """
     state = to_state_dict(plan, mix_layers(plan, ops, dimension_fuse(plan, ops, stacked)), fuse_shared(plan, ops, source))
-    return apply_norm_gains(plan, ops, state)
+    return apply_gains(plan, ops, state)

@@ -137,6 +137,8 @@ def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
     shapes = plan.operator_shapes()
     if plan.norm_gains:  # no gain correction: the selection's own gains
         values["G_norm"], values["G_final"] = torch.zeros(shapes["G_norm"]), torch.zeros(shapes["G_final"])
+    if plan.output_gains:  # nor output scaling
+        values["G_out"] = torch.zeros(shapes["G_out"])
     for name, value in values.items():
         if tuple(value.shape) != shapes[name]:
             raise ValueError(f"selection gives {name} of shape {tuple(value.shape)}, plan expects {shapes[name]}")

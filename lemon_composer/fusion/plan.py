@@ -14,7 +14,9 @@ Operators (all trainable; the source is frozen):
 - ``A_ffn``  (L1, H2/r_i, H1/r_i): per source layer, FFN width (up/gate rows, down columns);
 - ``gamma``  (L2, L1): the layer operator, one per parameter kind (Algorithm 1) or one shared;
 - ``G_norm`` (L2, 2, D2) and ``G_final`` (D2), only with ``norm_gains`` (beyond the paper): each target
-  RMSNorm gain is the fused one times (1 + G); zero at every init, so every init stays exact.
+  RMSNorm gain is the fused one times (1 + G); zero at every init, so every init stays exact;
+- ``G_out`` (L2, 2, D2), only with ``output_gains`` (beyond the paper): each output channel (row) of the
+  fused o and down of target layer i times (1 + G_out[i]); zero at every init.
 """
 from __future__ import annotations
 
@@ -96,12 +98,13 @@ class FusionPlan:
     shared_gamma: bool = False
     attention: str = "rope"
     fold_norms: bool = False  # RMSNorm gains folded into the weights (``fusion/fold.py``): target norms are 1
-    norm_gains: bool = False  # trainable per-target-layer gain corrections G_norm, G_final (``fuse.apply_norm_gains``)
+    norm_gains: bool = False  # trainable per-target-layer gain corrections G_norm, G_final (``fuse.apply_gains``)
+    output_gains: bool = False  # trainable per-target-layer output-channel scales G_out of o, down (``fuse.apply_gains``)
 
     @classmethod
     def build(cls, source_cfg: LlamaConfig, target: TargetShape, rf: ReceptiveFields, *,
               shared_gamma: bool = False, attention: str = "rope", fold_norms: bool = False,
-              norm_gains: bool = False) -> "FusionPlan":
+              norm_gains: bool = False, output_gains: bool = False) -> "FusionPlan":
         src = LlamaSizes.from_config(source_cfg)
         t = target
         if t.vocab_size is not None and t.vocab_size != src.vocab:
@@ -149,7 +152,7 @@ class FusionPlan:
         check_receptive_field(rf.r_a, src.head_dim, name="receptive_field.r_a")
         check_receptive_field(rf.r_i, src.ffn, tgt.ffn, name="receptive_field.r_i")
         return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma, attention=attention,
-                   fold_norms=fold_norms, norm_gains=norm_gains)
+                   fold_norms=fold_norms, norm_gains=norm_gains, output_gains=output_gains)
 
     @property
     def separate_kv(self) -> bool:
@@ -180,6 +183,8 @@ class FusionPlan:
             shapes[f"gamma.{kind}"] = (t.layers, s.layers)
         if self.norm_gains:
             shapes["G_norm"], shapes["G_final"] = (t.layers, 2, t.hidden), (t.hidden,)  # (L2, ln1|ln2, D2)
+        if self.output_gains:
+            shapes["G_out"] = (t.layers, 2, t.hidden)  # (L2, o|down, D2)
         return shapes
 
     def target_config(self, source_cfg: LlamaConfig) -> LlamaConfig:

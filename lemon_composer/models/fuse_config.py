@@ -46,8 +46,11 @@ class FuseConfig:
         measured width run (docs/results/redpajama_width_fold); false gives the paper's fused gains B_emb w.
     shared_gamma: one layer operator for all parameter kinds instead of one per kind.
     norm_gains: beyond the paper, train per-target-layer RMSNorm gain corrections G_norm (L2, 2, D2) and
-        G_final (D2): each fused gain times (1 + G), zero at init (``fuse.apply_norm_gains``). They train
+        G_final (D2): each fused gain times (1 + G), zero at init (``fuse.apply_gains``). They train
         with the dimension operators. Default false (the paper's operators only).
+    output_gains: beyond the paper, train per-target-layer output-channel scales G_out (L2, 2, D2): each row
+        of the fused o and down of target layer i times (1 + G_out[i]), zero at init (``fuse.apply_gains``);
+        they train with the dimension operators. Default false.
     init: cut | identity | random | avg | prune | lsq | pca | shear; init_seed for random; calibration
         for prune, lsq and pca; shear: source_path is a pruning run's folded source (``lemon-export
         --folded-source``), the operators select what its masks kept (r_h = r_i = 1).
@@ -68,6 +71,7 @@ class FuseConfig:
     fold_norms: bool = True
     shared_gamma: bool = False
     norm_gains: bool = False
+    output_gains: bool = False
     init: str = "cut"
     init_seed: int = 0
     calibration: CalibrationConfig | None = None
@@ -123,8 +127,9 @@ class FuseConfig:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
         if not isinstance(self.fold_norms, bool):
             raise ValueError(f"model.fold_norms={self.fold_norms!r}: expected true or false")
-        if not isinstance(self.norm_gains, bool):
-            raise ValueError(f"model.norm_gains={self.norm_gains!r}: expected true or false")
+        for key in ("norm_gains", "output_gains"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: expected true or false")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: expected true or false")
         if self.attention_operator not in ATTENTION_OPERATORS:

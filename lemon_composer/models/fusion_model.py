@@ -32,7 +32,7 @@ from transformers import LlamaForCausalLM
 
 from lemon_composer.data.calibration import calibration_batches
 from lemon_composer.fusion.fold import fold_norms
-from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, apply_norm_gains, dimension_fuse,
+from lemon_composer.fusion.fuse import (LAYER_WEIGHTS, TRANSPOSED, FusionOperators, apply_gains, dimension_fuse,
                                         fuse_shared, mix_layers, stack_layers, to_state_dict)
 from lemon_composer.fusion.init import (Selection, cut_selection, identity_selection, operator_values,
                                         random_selection)
@@ -96,7 +96,8 @@ class LemonFusionModel(ComposerModel):
                                      shared_gamma=self.cfg.shared_gamma,
                                      attention=self.cfg.attention_operator,
                                      fold_norms=self.cfg.fold_norms,
-                                     norm_gains=self.cfg.norm_gains)  # shapes checked before weights load
+                                     norm_gains=self.cfg.norm_gains,
+                                     output_gains=self.cfg.output_gains)  # shapes checked before weights load
         attn = resolve_attn_implementation(self.cfg.attn_implementation)
         if self.cfg.init_device == "meta":
             with torch.device("meta"):
@@ -228,7 +229,7 @@ class LemonFusionModel(ComposerModel):
     def fused_state_dict(self) -> dict[str, Tensor]:
         """The target's weights in ``LlamaForCausalLM`` naming (differentiable w.r.t. the operators)."""
         ops = self.operators.tensors(train_dims="dims" in self.trainable, train_layers="layers" in self.trainable)
-        return apply_norm_gains(self.plan, ops, to_state_dict(self.plan, *self._fuse(ops)))
+        return apply_gains(self.plan, ops, to_state_dict(self.plan, *self._fuse(ops)))
 
     def begin_step(self, num_microbatches: int) -> None:
         """Fuse once for the optimizer step whose ``num_microbatches`` training forwards follow."""

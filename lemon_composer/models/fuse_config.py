@@ -125,13 +125,9 @@ class FuseConfig:
             raise ValueError(f"model.lam={self.lam}: must lie in [0, 1] (Eq. 4)")
         if self.temperature <= 0:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
-        if not isinstance(self.fold_norms, bool):
-            raise ValueError(f"model.fold_norms={self.fold_norms!r}: expected true or false")
-        for key in ("norm_gains", "output_gains"):
+        for key in ("fold_norms", "norm_gains", "output_gains", "activation_checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"model.{key}={getattr(self, key)!r}: expected true or false")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: expected true or false")
         if self.attention_operator not in ATTENTION_OPERATORS:
             raise ValueError(f"model.attention_operator={self.attention_operator}: expected one of "
                              f"{ATTENTION_OPERATORS}")

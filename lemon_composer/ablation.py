@@ -86,6 +86,8 @@ class AblationConfig:
     fusion_scheduler: null (the template's cosine_with_warmup) or a scheduler mapping for every fusion run,
         e.g. {name: linear_decay_with_warmup, t_warmup: 0.05dur, alpha_f: 0.0}; ``name`` from llm-foundry's
         scheduler registry.
+    seed: every fusion run's ``seed`` (Composer's seed and the train loaders' shuffle / mixture draws), so
+        a configuration can be repeated on other fusion batches; inits and the eval split do not depend on it.
     """
     source_path: str
     data_dir: str
@@ -113,6 +115,7 @@ class AblationConfig:
     lr_operators: dict[str, float] = field(default_factory=dict)
     train_proportions: str | list[float] | None = None
     fusion_scheduler: dict[str, Any] | None = None
+    seed: int = 17
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -137,7 +140,7 @@ class AblationConfig:
     def _check_run_keys(self) -> None:
         """Numbers, inits, sweep and model overrides: each bad value named with its key before anything loads."""
         for key, least, optional in (("fusion_steps", 1, False), ("cpt_steps", 0, False), ("prune_steps", 0, False),
-                                     ("seq_len", 2, False),
+                                     ("seq_len", 2, False), ("seed", 0, False),
                                      ("batch_size", 1, False), ("eval_max_rows", 1, True), ("mc_limit", 1, True)):
             value = getattr(self, key)
             if optional and value is None:
@@ -218,6 +221,7 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
         y.train_loader = _mixture_loader(cfg)
     if cfg.fusion_scheduler is not None:
         y.scheduler = dict(cfg.fusion_scheduler)
+    y.seed = cfg.seed
     y.max_duration = f"{steps}ba"
     y.eval_interval = f"{max(1, steps // 4)}ba"
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size

@@ -251,6 +251,37 @@ def test_train_proportions_set_the_fusion_runs_domain_mixture(inputs, tmp_path, 
     assert (counts / counts.sum()).tolist() == pytest.approx(expected, abs=0.06)  # 400 draws: sd <= 0.025
 
 
+def test_seed_sets_the_fusion_runs_batches(inputs, tmp_path, tiny_tokenizer):
+    """``seed`` reaches Composer's seed and the mixture loader: the same seed draws the same rows, another
+    seed other rows; the default is the template's 17."""
+    from transformers import AutoTokenizer
+
+    from llmfoundry_patches.dataloaders import build_mixture_dataloader
+    root, source = inputs
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+
+    def first_rows(**kw):
+        y = om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path), train_proportions="uniform", **kw),
+                                          "cut", tmp_path, 2, 1.0))
+        loader_cfg = om.to_container(y.train_loader, resolve=True)
+        loader_cfg.pop("name")
+        spec = build_mixture_dataloader(tokenizer, 4, **loader_cfg)
+        return y.seed, torch.cat([b["input_ids"] for _, b in zip(range(3), spec.dataloader)])
+    seed, rows = first_rows()
+    assert seed == 17 == om.load(ablation.FUSE_TEMPLATE).seed
+    seed, again = first_rows(seed=17)
+    assert torch.equal(rows, again)
+    seed, other = first_rows(seed=18)
+    assert seed == 18 and not torch.equal(rows, other)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "17"])
+def test_bad_seed_is_named(inputs, value):
+    root, _ = inputs
+    with pytest.raises(ValueError, match=re.escape(f"seed={value!r}: expected an integer >= 0")):
+        config(root, root / "no-source", seed=value)
+
+
 @pytest.mark.parametrize("value, message", [
     ("even", "train_proportions='even': expected null, uniform or a list of positive numbers, one per domain"),
     ([1.0, 0.0], "train_proportions=[1.0, 0.0]: expected null, uniform or a list of positive numbers"),

@@ -58,10 +58,10 @@ PRUNE_TEMPLATE = REPO / "yamls" / "prune" / "smollm2_cpu.yaml"
 SETTINGS = ("depth", "width", "both")
 # llm-foundry's scheduler registry (a test checks it), for fusion_scheduler
 SCHEDULERS = ("constant_with_warmup", "cosine_with_warmup", "linear_decay_with_warmup", "inv_sqrt_with_warmup")
-FROZEN = {"gamma": r"operators\.(B_emb|A_|G_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
+FROZEN = {"gamma": r"operators\.(B_emb|A_|G_|M_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
 TRAINED = ("auto", *FROZEN)  # trained_operators; auto: the setting's own (Sec. 4.4)
 DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
-DIM_OPERATORS = ("B_emb", "A_attn", "A_kv", "A_ffn", "G_norm", "G_final", "G_out")  # fusion/fuse.py's parameter names
+DIM_OPERATORS = ("B_emb", "A_attn", "A_kv", "A_ffn", "G_norm", "G_final", "G_out", "M_read", "M_write")  # fusion/fuse.py's parameter names
 RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
 
 
@@ -78,8 +78,8 @@ class AblationConfig:
         lemon_inits a fusion from its folded source with r_h = r_i = 1 ("LEMON-Shear").
     model_overrides: extra ``model.<key>: <value>`` for every fusion run (sweep runs included) and
         every baseline export (e.g. fold_norms, which ``pca`` needs).
-    lr_operators: per dimension operator (B_emb, A_attn, A_kv, A_ffn, G_norm, G_final, G_out) a peak rate in place of lr_dims, e.g.
-        {A_attn: 5.0e-3}; one optimizer param group each, scaled like lr_dims in a sweep.
+    lr_operators: per dimension operator (B_emb, A_attn, A_kv, A_ffn, G_norm, G_final, G_out, M_read, M_write) a peak
+        rate in place of lr_dims, e.g. {A_attn: 5.0e-3}; one optimizer param group each, scaled like lr_dims in a sweep.
     train_proportions: null (the template's loader: rows in proportion to each domain's train rows),
         ``uniform`` or one number per domain (sorted names): the fusion runs' domain mixture (``lemon_mixture``),
         as the short CPT already mixes uniformly; the held-out loss is a mean over domains.

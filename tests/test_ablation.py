@@ -184,7 +184,8 @@ def test_bad_run_keys_are_named_before_anything_loads(inputs, key, value, messag
         config(root, root / "no-source", **{key: value})
 
 
-@pytest.mark.parametrize("trained, frozen", [("auto", r"operators\.(B_emb|A_|G_)"), ("gamma", r"operators\.(B_emb|A_|G_)"),
+@pytest.mark.parametrize("trained, frozen", [("auto", r"operators\.(B_emb|A_|G_|M_)"),
+                                             ("gamma", r"operators\.(B_emb|A_|G_|M_)"),
                                              ("all", None), ("dims", r"operators\.gamma")])
 def test_trained_operators_choose_what_the_fusion_run_freezes(inputs, tmp_path, trained, frozen):
     """depth freezes the dimension operators unless trained_operators says otherwise; the regex must

@@ -7,7 +7,8 @@ q, k, v, o mixes heads per rotary frequency by default, ``plan.attention``):
     ln1, ln2:          w'_i = Σ_j gamma_ij B_emb w_j   (1 with ``fold_norms``: the gains are in q, k, v, up, gate)
     embedding E' = E B_emb^T, lm_head H' = H B_emb^T, final norm B_emb w.
 With ``norm_gains`` every target gain above is then scaled by (1 + G_norm[i]) or (1 + G_final); with
-``output_gains`` every row of o'_i and down'_i by (1 + G_out[i]).
+``output_gains`` every row of o'_i and down'_i by (1 + G_out[i]); with ``layer_maps`` q, k, v, up, gate
+of layer i read through (I + M_read[i]) ⊗ I_{r_h} and o, down write through (I + M_write[i]) ⊗ I_{r_h}.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ LAYER_WEIGHTS = {
 
 
 class FusionOperators(nn.Module):
-    """The only trainable parameters of fusion: B_emb, A_attn, (A_kv), A_ffn, gamma.<kind>, (G_norm, G_final, G_out).
+    """The only trainable parameters of fusion: B_emb, A_attn, (A_kv), A_ffn, gamma.<kind>, (G_norm, G_final, G_out,
+    M_read, M_write).
 
     Initialised to zeros; an initialiser (``lemon_composer.fusion.init``) sets the values.
     """
@@ -45,6 +47,8 @@ class FusionOperators(nn.Module):
         self.G_norm = nn.Parameter(torch.zeros(shapes["G_norm"])) if plan.norm_gains else None
         self.G_final = nn.Parameter(torch.zeros(shapes["G_final"])) if plan.norm_gains else None
         self.G_out = nn.Parameter(torch.zeros(shapes["G_out"])) if plan.output_gains else None
+        self.M_read = nn.Parameter(torch.zeros(shapes["M_read"])) if plan.layer_maps else None
+        self.M_write = nn.Parameter(torch.zeros(shapes["M_write"])) if plan.layer_maps else None
 
     def tensors(self, *, train_dims: bool = True, train_layers: bool = True) -> dict[str, Tensor]:
         """The operators by name (``plan.operator_shapes()``); a group not trained is detached (App. A.4 stages)."""
@@ -193,8 +197,12 @@ def apply_gains(plan: FusionPlan, ops: dict[str, Tensor], state: dict[str, Tenso
     layer rescale the channels it reads, which no LEMON operator can (A_j acts on the head / FFN side).
     ``output_gains``: each row (hidden output channel) of o'_i and down'_i times (1 + G_out[i]): the same
     freedom on the side each layer writes to the residual stream.
+    ``layer_maps``: the dense form of both, in B_emb's Kronecker form: the columns of q'_i, k'_i, v'_i, up'_i,
+    gate'_i times ((I + M_read[i]) ⊗ I_{r_h})^T, the rows of o'_i and down'_i (after G_out) by
+    (I + M_write[i]) ⊗ I_{r_h}. B_emb is one basis for every layer; these give each target layer its own
+    read and write maps on the residual stream.
     """
-    if not (plan.norm_gains or plan.output_gains):
+    if not (plan.norm_gains or plan.output_gains or plan.layer_maps):
         return state
     out = dict(state)
 
@@ -209,6 +217,14 @@ def apply_gains(plan: FusionPlan, ops: dict[str, Tensor], state: dict[str, Tenso
             scale(f"model.layers.{i}.{LAYER_WEIGHTS[kind]}", ops["G_out"][i, n])
     if plan.norm_gains:
         scale("model.norm.weight", ops["G_final"])
+    for i in range(plan.target.layers if plan.layer_maps else 0):
+        read, write, r = ops["M_read"][i], ops["M_write"][i], plan.rf.r_h
+        for kind in ("q", "k", "v", "up", "gate"):
+            w = out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"]                   # (n, D2)
+            out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"] = w + block_cols(read.to(w.dtype), w, r)
+        for kind in ("o", "down"):
+            w = out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"]                   # (D2, n)
+            out[f"model.layers.{i}.{LAYER_WEIGHTS[kind]}"] = w + block_rows(write.to(w.dtype), w, r)
     return out
 
 

@@ -139,6 +139,8 @@ def operator_values(plan: FusionPlan, sel: Selection) -> dict[str, Tensor]:
         values["G_norm"], values["G_final"] = torch.zeros(shapes["G_norm"]), torch.zeros(shapes["G_final"])
     if plan.output_gains:  # nor output scaling
         values["G_out"] = torch.zeros(shapes["G_out"])
+    if plan.layer_maps:  # nor read / write maps: identity
+        values["M_read"], values["M_write"] = torch.zeros(shapes["M_read"]), torch.zeros(shapes["M_write"])
     for name, value in values.items():
         if tuple(value.shape) != shapes[name]:
             raise ValueError(f"selection gives {name} of shape {tuple(value.shape)}, plan expects {shapes[name]}")

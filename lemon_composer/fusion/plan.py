@@ -17,6 +17,10 @@ Operators (all trainable; the source is frozen):
   RMSNorm gain is the fused one times (1 + G); zero at every init, so every init stays exact;
 - ``G_out`` (L2, 2, D2), only with ``output_gains`` (beyond the paper): each output channel (row) of the
   fused o and down of target layer i times (1 + G_out[i]); zero at every init.
+- ``M_read``, ``M_write`` (L2, D2/r_h, D2/r_h), only with ``layer_maps`` (beyond the paper): per target
+  layer, the dense generalisation of the gains: q, k, v, up, gate of layer i read through
+  (I + M_read[i]) ⊗ I_{r_h} (W' = W ((I + M_read[i]) ⊗ I)^T, B_emb's form), o and down write through
+  (I + M_write[i]) ⊗ I_{r_h}; zero at every init.
 """
 from __future__ import annotations
 
@@ -100,11 +104,12 @@ class FusionPlan:
     fold_norms: bool = False  # RMSNorm gains folded into the weights (``fusion/fold.py``): target norms are 1
     norm_gains: bool = False  # trainable per-target-layer gain corrections G_norm, G_final (``fuse.apply_gains``)
     output_gains: bool = False  # trainable per-target-layer output-channel scales G_out of o, down (``fuse.apply_gains``)
+    layer_maps: bool = False  # trainable per-target-layer read / write maps M_read, M_write (``fuse.apply_gains``)
 
     @classmethod
     def build(cls, source_cfg: LlamaConfig, target: TargetShape, rf: ReceptiveFields, *,
               shared_gamma: bool = False, attention: str = "rope", fold_norms: bool = False,
-              norm_gains: bool = False, output_gains: bool = False) -> "FusionPlan":
+              norm_gains: bool = False, output_gains: bool = False, layer_maps: bool = False) -> "FusionPlan":
         src = LlamaSizes.from_config(source_cfg)
         t = target
         if t.vocab_size is not None and t.vocab_size != src.vocab:
@@ -152,7 +157,7 @@ class FusionPlan:
         check_receptive_field(rf.r_a, src.head_dim, name="receptive_field.r_a")
         check_receptive_field(rf.r_i, src.ffn, tgt.ffn, name="receptive_field.r_i")
         return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma, attention=attention,
-                   fold_norms=fold_norms, norm_gains=norm_gains, output_gains=output_gains)
+                   fold_norms=fold_norms, norm_gains=norm_gains, output_gains=output_gains, layer_maps=layer_maps)
 
     @property
     def separate_kv(self) -> bool:
@@ -185,6 +190,8 @@ class FusionPlan:
             shapes["G_norm"], shapes["G_final"] = (t.layers, 2, t.hidden), (t.hidden,)  # (L2, ln1|ln2, D2)
         if self.output_gains:
             shapes["G_out"] = (t.layers, 2, t.hidden)  # (L2, o|down, D2)
+        if self.layer_maps:
+            shapes["M_read"] = shapes["M_write"] = (t.layers, t.hidden // rf.r_h, t.hidden // rf.r_h)
         return shapes
 
     def target_config(self, source_cfg: LlamaConfig) -> LlamaConfig:

@@ -51,6 +51,10 @@ class FuseConfig:
     output_gains: beyond the paper, train per-target-layer output-channel scales G_out (L2, 2, D2): each row
         of the fused o and down of target layer i times (1 + G_out[i]), zero at init (``fuse.apply_gains``);
         they train with the dimension operators. Default false.
+    layer_maps: beyond the paper, train per-target-layer maps M_read, M_write (L2, D2/r_h, D2/r_h), the dense
+        form of the gains in B_emb's Kronecker form: q, k, v, up, gate of layer i read the residual stream
+        through (I + M_read[i]) ⊗ I_{r_h}, o and down write to it through (I + M_write[i]) ⊗ I_{r_h}; zero at
+        init (``fuse.apply_gains``), they train with the dimension operators. Default false.
     init: cut | identity | random | avg | prune | lsq | pca | shear; init_seed for random; calibration
         for prune, lsq and pca; shear: source_path is a pruning run's folded source (``lemon-export
         --folded-source``), the operators select what its masks kept (r_h = r_i = 1).
@@ -72,6 +76,7 @@ class FuseConfig:
     shared_gamma: bool = False
     norm_gains: bool = False
     output_gains: bool = False
+    layer_maps: bool = False
     init: str = "cut"
     init_seed: int = 0
     calibration: CalibrationConfig | None = None
@@ -125,7 +130,7 @@ class FuseConfig:
             raise ValueError(f"model.lam={self.lam}: must lie in [0, 1] (Eq. 4)")
         if self.temperature <= 0:
             raise ValueError(f"model.temperature={self.temperature}: must be positive")
-        for key in ("fold_norms", "norm_gains", "output_gains", "activation_checkpointing"):
+        for key in ("fold_norms", "norm_gains", "output_gains", "layer_maps", "activation_checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"model.{key}={getattr(self, key)!r}: expected true or false")
         if self.attention_operator not in ATTENTION_OPERATORS:

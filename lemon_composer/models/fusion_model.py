@@ -97,7 +97,8 @@ class LemonFusionModel(ComposerModel):
                                      attention=self.cfg.attention_operator,
                                      fold_norms=self.cfg.fold_norms,
                                      norm_gains=self.cfg.norm_gains,
-                                     output_gains=self.cfg.output_gains)  # shapes checked before weights load
+                                     output_gains=self.cfg.output_gains,
+                                     layer_maps=self.cfg.layer_maps)  # shapes checked before weights load
         attn = resolve_attn_implementation(self.cfg.attn_implementation)
         if self.cfg.init_device == "meta":
             with torch.device("meta"):

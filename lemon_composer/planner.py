@@ -171,7 +171,9 @@ def run_shape(cfg: dict[str, Any], source_cfg: LlamaConfig, *, gpus: int, device
                             _sub(model, "receptive_field", ReceptiveFields),
                             shared_gamma=bool(model.get("shared_gamma", FuseConfig.shared_gamma)),
                             attention=model.get("attention_operator", FuseConfig.attention_operator),
-                            fold_norms=bool(model.get("fold_norms", FuseConfig.fold_norms)))
+                            fold_norms=bool(model.get("fold_norms", FuseConfig.fold_norms)),
+                            **{key: _flag(model.get(key, False), f"model.{key}")
+                               for key in ("norm_gains", "output_gains", "layer_maps")})
     dtype = model.get("source_dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
@@ -220,6 +222,13 @@ def _kinds(plan: FusionPlan) -> list[tuple[int, int, int, int, int]]:
     return [attn, kv, kv, attn, ffn, ffn, ffn]  # q, k, v, o, up, gate, down
 
 
+def _mapped_weights(plan: FusionPlan) -> int:
+    """Elements of the decoder weights that ``layer_maps`` maps (every q, k, v, o, up, gate, down of the
+    target); 0 without it. Each map costs 2 x these x D2 / r_h FLOPs forward and saves the unmapped copy."""
+    t = plan.target
+    return t.layers * t.hidden * (2 * t.attn + 2 * t.kv + 3 * t.ffn) if plan.layer_maps else 0
+
+
 def layer_activation_bytes(t: LlamaSizes, a: int, flash: bool) -> int:
     """Bytes autograd saves per token in one transformers ``LlamaDecoderLayer`` (a: activation bytes).
 
@@ -252,7 +261,7 @@ def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int)
     F = X B_emb^T (L1, n2, m2), saved for gamma's; the embedding (and untied head) product is
     recomputed in backward, so nothing of vocab size is saved. ``layers_then_dims`` never keeps X and F
     together (layer stage: the cached F; dims stage: X), so the larger, X, counts; ``dims_then_layers``
-    trains both in its second stage, like ``joint``. Sharded: L1 is this
+    trains both in its second stage, like ``joint``. ``layer_maps`` also saves the unmapped target weights. Sharded: L1 is this
     rank's share; the partial mixes are summed during the fusion's forward and are gone by the peak.
     With lemon_fuse_once the fused weights' leaves accumulate gradients over micro-batches 1..n-1;
     without it every micro-batch fuses and back-propagates into the operators, whose gradients then
@@ -284,7 +293,7 @@ def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int)
         "fused weights": p_target * s,
         "fused-weight grads (leaves)": p_target * s if r.fuse_once and accumulating else 0,
         "operator grads (fp32)": p_ops * 4 if not r.fuse_once and accumulating else 0,
-        "fusion intermediates": (x + (f if r.joint else 0)) * s,
+        "fusion intermediates": (x + (f if r.joint else 0) + _mapped_weights(plan)) * s,
         "CUDA context": CUDA_OVERHEAD if device == "cuda" else 0.0,
     }
     loss_peak = {
@@ -307,8 +316,8 @@ def flops(r: RunShape, *, gpus: int, p_source: int, p_target: int) -> dict[str, 
 
     Fusion: a block operator (n2/r, n1/r) applied to W (n1, m) costs 2 n2 n1 m / r; per source layer
     and kind A_j on the rows (m = m1), then B_emb on the columns (2 n2 m1 m2 / r_h), then gamma's mix
-    2 L2 L1 n2 m2; embedding (and head) 2 V D1 D2 / r_h; backward twice the forward (the vocabulary
-    products once more: recomputed). Sharded: L1 is this
+    2 L2 L1 n2 m2; with layer_maps each target weight's map (``_mapped_weights``); embedding (and head)
+    2 V D1 D2 / r_h; backward twice the forward (the vocabulary products once more: recomputed). Sharded: L1 is this
     rank's share. Once per step with lemon_fuse_once, else once per micro-batch.
     Teacher: one pass of ``_lm_flops``; student: training passes (3, or 4 with activation checkpointing).
     """
@@ -318,6 +327,7 @@ def flops(r: RunShape, *, gpus: int, p_source: int, p_target: int) -> dict[str, 
     l1 = math.ceil(src.layers / gpus) if r.sharded else src.layers
     fwd = sum(l1 * (2 * n2 * n1 * m1 / rr + 2 * n2 * m1 * m2 / rh) + 2 * tgt.layers * l1 * n2 * m2
               for n1, m1, n2, m2, rr in _kinds(plan))
+    fwd += 2 * _mapped_weights(plan) * tgt.hidden / rh                      # layer_maps, after the mix
     vocab = (1 if src.tied else 2) * 2 * src.vocab * src.hidden * tgt.hidden / rh
     return {  # the vocabulary products are recomputed in backward when r_h > 1 (fuse._vocab_product)
         "fusion": (3 * fwd + (4 if rh > 1 else 3) * vocab) * (1 if r.fuse_once else r.micro_per_step),

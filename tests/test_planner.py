@@ -57,6 +57,22 @@ def test_tiny_hand_computed():
     assert sharded.memory["fusion intermediates"] == (2 * 192 + 3 * 192) * 4
 
 
+def test_layer_corrections_count():
+    """norm_gains / output_gains add 2 L2 D2 + D2 and 2 L2 D2 operators; layer_maps 2 L2 (D2 / r_h)^2, saves the
+    unmapped target weights L2 D2 (2 attn2 + 2 kv2 + 3 ffn2) and maps them at 2 x that x D2 / r_h FLOPs forward."""
+    base = plan_run(tiny_cfg(), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    gains = plan_run(tiny_cfg(norm_gains=True, output_gains=True), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    maps = plan_run(tiny_cfg(layer_maps=True), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+    assert gains.memory["operators (fp32)"] - base.memory["operators (fp32)"] == (2 * 2 * 4 + 4 + 2 * 2 * 4) * 4
+    assert gains.flops == base.flops
+    assert maps.memory["operators (fp32)"] - base.memory["operators (fp32)"] == 2 * 2 * 2 * 2 * 4
+    mapped = 2 * 4 * (2 * 4 + 2 * 4 + 3 * 8)                                 # L2 D2 (2 attn2 + 2 kv2 + 3 ffn2)
+    assert maps.memory["fusion intermediates"] - base.memory["fusion intermediates"] == mapped * 4
+    assert maps.flops["fusion"] - base.flops["fusion"] == 3 * 2 * mapped * 4 / 2
+    with pytest.raises(ValueError, match="model.layer_maps='yes': expected true or false"):
+        plan_run(tiny_cfg(layer_maps="yes"), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
+
+
 def test_staged_schedule_keeps_x_only():
     joint = plan_run(tiny_cfg(), gpus=2, source_cfg=TINY_SOURCE, device="cpu")
     dims_first = plan_run(tiny_cfg({"lemon_fusion_stages": {"schedule": "dims_then_layers"}}), gpus=2,

@@ -80,3 +80,28 @@ def test_tokenizer_mismatch_is_named(mds):
     other.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match=r"tokenizer: its vocabulary .* differs .* tokenizer.name, the data and the model must all share"):
         build(other, mds)
+
+
+@pytest.mark.parametrize("recipe", ["fuse/smollm2_cpu", "fuse/7b_to_1.3b", "fuse/7b_to_2.7b", "prune/smollm2_cpu"])
+def test_recipe_eval_subset_sees_every_domain(tok, mds, recipe):
+    """The recipes whose one evaluator holds every domain cut it to eval_subset_num_batches: its first batches
+    must mix the domains (unshuffled they are the first domain's rows only) and be the same rows in every run,
+    whatever its seed (the 7B prune and the CPT recipes evaluate each domain on its own)."""
+    from omegaconf import OmegaConf as om
+
+    from conftest import REPO
+    y = om.load(REPO / "yamls" / f"{recipe}.yaml")
+    assert y.eval_subset_num_batches >= 1
+
+    def first_rows(seed: int) -> list[tuple[int, ...]]:
+        y.seed = seed
+        cfg = om.to_container(y.eval_loader, resolve=False)
+        assert cfg.pop("name") == "lemon_domains" and cfg.pop("split") == "eval"
+        cfg.pop("data_dir")
+        cfg["dataset"] = {**om.to_container(y.eval_loader.dataset, resolve=True), "max_seq_len": 32}
+        spec = build(tok, mds, split="eval", **{**cfg, **LOADER})
+        return [tuple(r) for batch in [next(iter(spec.dataloader))] for r in batch["input_ids"].numpy()]
+    got = first_rows(17)
+    by_domain = {d: {tuple(r) for r in rows(mds, "eval", d).astype(np.int64)} for d in ("a", "b")}
+    assert all(any(r in by_domain[d] for r in got) for d in ("a", "b")), "the first eval batch misses a domain"
+    assert first_rows(18) == got

@@ -61,7 +61,8 @@ SCHEDULERS = ("constant_with_warmup", "cosine_with_warmup", "linear_decay_with_w
 FROZEN = {"gamma": r"operators\.(B_emb|A_|G_|M_)", "dims": r"operators\.gamma", "all": None}  # optimizer.disable_grad
 TRAINED = ("auto", *FROZEN)  # trained_operators; auto: the setting's own (Sec. 4.4)
 DEFAULT_TRAINED = {"depth": "gamma", "width": "dims", "both": "all"}
-DIM_OPERATORS = ("B_emb", "A_attn", "A_kv", "A_ffn", "G_norm", "G_final", "G_out", "M_read", "M_write")  # fusion/fuse.py's parameter names
+# fusion/fuse.py's parameter names
+DIM_OPERATORS = ("B_emb", "A_attn", "A_kv", "A_ffn", "G_norm", "G_final", "G_out", "M_read", "M_write")
 RUNNER_MODEL_KEYS = ("name", "source_path", "target", "receptive_field", "init")  # set from the runner's own keys
 
 

@@ -261,7 +261,8 @@ def memory(r: RunShape, *, gpus: int, device: str, p_source: int, p_target: int)
     F = X B_emb^T (L1, n2, m2), saved for gamma's; the embedding (and untied head) product is
     recomputed in backward, so nothing of vocab size is saved. ``layers_then_dims`` never keeps X and F
     together (layer stage: the cached F; dims stage: X), so the larger, X, counts; ``dims_then_layers``
-    trains both in its second stage, like ``joint``. ``layer_maps`` also saves the unmapped target weights. Sharded: L1 is this
+    trains both in its second stage, like ``joint``. ``layer_maps`` also saves the unmapped target
+    weights. Sharded: L1 is this
     rank's share; the partial mixes are summed during the fusion's forward and are gone by the peak.
     With lemon_fuse_once the fused weights' leaves accumulate gradients over micro-batches 1..n-1;
     without it every micro-batch fuses and back-propagates into the operators, whose gradients then

@@ -112,6 +112,21 @@ def test_checkpoint_state_holds_operators_and_a_source_reference(source_dir, tmp
         make(source_dir, receptive_field=dict(r_h=1, r_a=4, r_i=3)).load_state_dict(sd, strict=False)
 
 
+def test_checkpoint_from_before_an_option_existed_loads_at_its_default(source_dir):
+    # A checkpoint written before FusionPlan had `layer_maps` holds a plan repr without it.
+    sd = make(source_dir).state_dict()
+    legacy = sd["_extra_state"]["plan"].replace(", layer_maps=False", "")
+    assert legacy != sd["_extra_state"]["plan"]
+    sd["_extra_state"] = dict(sd["_extra_state"], plan=legacy)
+    make(source_dir).load_state_dict(sd)
+    # that checkpoint had no maps: a run that turns them on gets the plan error, before any missing key
+    with pytest.raises(ValueError, match=r"checkpoint operators were made for"):
+        make(source_dir, layer_maps=True).load_state_dict(sd, strict=False)
+    # a field the legacy repr holds still counts: fold_norms (on by default) off is refused
+    with pytest.raises(ValueError, match=r"checkpoint operators were made for"):
+        make(source_dir, fold_norms=False).load_state_dict(sd, strict=False)
+
+
 @pytest.mark.parametrize("override,match", [
     ({"target": dict(TARGET, num_attention_heads=3)}, r"target.num_attention_heads=3 must divide target.hidden_size=32"),
     ({"target": dict(TARGET, hidden_size=128, num_attention_heads=8)}, r"target.hidden_size=128 is larger than the source's 64"),

@@ -24,7 +24,8 @@ Operators (all trainable; the source is frozen):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 
 from transformers import LlamaConfig
 
@@ -158,6 +159,16 @@ class FusionPlan:
         check_receptive_field(rf.r_i, src.ffn, tgt.ffn, name="receptive_field.r_i")
         return cls(source=src, target=tgt, rf=rf, shared_gamma=shared_gamma, attention=attention,
                    fold_norms=fold_norms, norm_gains=norm_gains, output_gains=output_gains, layer_maps=layer_maps)
+
+    def matches_saved(self, saved: str) -> bool:
+        """Whether ``saved``, a checkpoint's ``repr`` of its plan, describes this plan.
+
+        An option added to FusionPlan after the checkpoint was written is absent from its repr; the
+        checkpoint was made without it, so it matches only where this plan leaves it at its default.
+        """
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if re.search(rf"[(, ]{f.name}=", saved) or getattr(self, f.name) != f.default]
+        return saved == f"{type(self).__name__}({', '.join(parts)})"
 
     @property
     def separate_kv(self) -> bool:

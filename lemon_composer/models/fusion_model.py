@@ -328,7 +328,7 @@ class LemonFusionModel(ComposerModel):
             raise ValueError(f"checkpoint was made from source {state['source_path']} (fingerprint "
                              f"{state['source_fingerprint']}), but model.source_path={self.cfg.source_path} has "
                              f"fingerprint {self.source_fingerprint}: the operators only fit their own source")
-        if state["plan"] != repr(self.plan):
+        if not self.plan.matches_saved(state["plan"]):
             raise ValueError(f"checkpoint operators were made for {state['plan']}, this run's plan is "
                              f"{self.plan!r}: target sizes or receptive fields differ")
 

@@ -40,6 +40,7 @@ from lemon_composer.analysis.curves import read_eval_curve
 from lemon_composer.analysis.operators import operator_figures
 from lemon_composer.analysis.plots import training_curves
 from lemon_composer.atomic import atomic_write_text
+from lemon_composer.callbacks.dynamic_loading import DynamicLoading
 from lemon_composer.cli import run_cli
 from lemon_composer.config_types import check_arguments
 from lemon_composer.data.manifest import read_manifest
@@ -89,6 +90,9 @@ class AblationConfig:
         scheduler registry.
     seed: every fusion run's ``seed`` (Composer's seed and the train loaders' shuffle / mixture draws), so
         a configuration can be repeated on other fusion batches; inits and the eval split do not depend on it.
+    fusion_dynamic_loading: null (off) or the keys of ``lemon_dynamic_loading`` for every fusion run, which
+        then moves ``train_proportions`` by the fused model's excess loss over the source on its own
+        training batches (``signal: train``), e.g. {interval: 40, eta: 1.0}; needs train_proportions.
     """
     source_path: str
     data_dir: str
@@ -117,6 +121,7 @@ class AblationConfig:
     train_proportions: str | list[float] | None = None
     fusion_scheduler: dict[str, Any] | None = None
     seed: int = 17
+    fusion_dynamic_loading: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -135,6 +140,7 @@ class AblationConfig:
                              "trained_operators to dims or all")
         domains = sorted(read_manifest(self.data_dir, key="data_dir")["domains"])
         self._check_train_proportions(domains)
+        self._check_dynamic_loading()
         if self.mc_tasks is not None and not Path(self.mc_tasks).is_dir():
             raise ValueError(f"mc_tasks={self.mc_tasks}: no such folder of BIG-bench task.json files")
 
@@ -185,6 +191,24 @@ class AblationConfig:
             raise ValueError(f"model_overrides: {owned} are set by the runner (from source_path, target, "
                              "receptive_field, lemon_inits); set those keys instead")
 
+    def _check_dynamic_loading(self) -> None:
+        """``fusion_dynamic_loading``: callback keys that ``lemon_dynamic_loading`` accepts with ``signal: train``."""
+        value = self.fusion_dynamic_loading
+        if value is None:
+            return
+        if not isinstance(value, dict) or {"signal", "domains"} & set(value):
+            raise ValueError(f"fusion_dynamic_loading={value!r}: expected null or a mapping of lemon_dynamic_loading "
+                             "keys (signal and domains are the runner's), e.g. {interval: 40, eta: 1.0}")
+        if self.train_proportions is None:
+            raise ValueError("fusion_dynamic_loading: needs train_proportions (uniform or one number per domain), "
+                             "the mixture whose proportions it moves")
+        try:
+            DynamicLoading(signal="train", **value)
+        except TypeError as err:
+            raise ValueError(f"fusion_dynamic_loading={value!r}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"fusion_dynamic_loading: {err}") from None
+
     def _check_train_proportions(self, domains: list[str]) -> None:
         """null, ``uniform`` or one positive number per domain of ``data_dir``; ``uniform`` becomes 1/k each."""
         value = self.train_proportions
@@ -220,6 +244,8 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     y.merge_with({"model": cfg.model_overrides})
     if cfg.train_proportions is not None:
         y.train_loader = _mixture_loader(cfg)
+    if cfg.fusion_dynamic_loading is not None:
+        y.callbacks.lemon_dynamic_loading = {"signal": "train", **cfg.fusion_dynamic_loading}
     if cfg.fusion_scheduler is not None:
         y.scheduler = dict(cfg.fusion_scheduler)
     y.seed = cfg.seed
@@ -241,9 +267,10 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
 
 def _mixture_loader(cfg: AblationConfig) -> dict[str, Any]:
     """The fusion train loader for ``train_proportions``: every domain of ``data_dir`` at its proportion."""
+    # no loader workers: new proportions (fusion_dynamic_loading) take effect from the next batch on
     return {"name": "lemon_mixture", "data_dir": "${variables.data_dir}", "split": "train",
             "domains": sorted(read_manifest(cfg.data_dir)["domains"]), "proportions": list(cfg.train_proportions),
-            "seed": "${seed}", "max_seq_len": "${variables.seq_len}", "num_workers": 0}
+            "seed": "${seed}", "max_seq_len": "${variables.seq_len}", "num_workers": 0, "update_delay": 1}
 
 
 def trained_operators(cfg: AblationConfig) -> str:

@@ -340,3 +340,38 @@ def test_shipped_yamls_are_valid_for_the_real_source(inputs, name):
     cfg = AblationConfig(**{**y, "source_path": str(local_smollm2(REPO / ".cache" / "smollm2", with_model=True)),
                             "data_dir": str(root / "mds"), "mc_tasks": str(root / "mc")})
     assert cfg.setting == name.split("_")[1] and cfg.out == f"runs/ablation/{name}"  # never over docs/results
+
+
+def test_fusion_dynamic_loading_adds_the_train_signal_callback(inputs, tmp_path):
+    """The fusion yaml gets ``lemon_dynamic_loading`` with ``signal: train``, which llm-foundry's registry
+    builds; the mixture loader applies new proportions from the next batch on."""
+    from llmfoundry.utils.builders import build_callback
+
+    root, source = inputs
+    cfg = config(root, source, out=str(tmp_path), train_proportions="uniform",
+                 fusion_dynamic_loading={"interval": 40, "eta": 0.5})
+    y = om.to_container(om.load(ablation._fusion_yaml(cfg, "cut", tmp_path, 2, 1.0)), resolve=True)
+    entry = y["callbacks"]["lemon_dynamic_loading"]
+    assert entry == {"signal": "train", "interval": 40, "eta": 0.5}
+    callback = build_callback("lemon_dynamic_loading", entry)
+    assert (callback.signal, callback.interval, callback.eta) == ("train", 40, 0.5)
+    assert y["train_loader"]["update_delay"] == 1 and y["train_loader"]["num_workers"] == 0
+    plain = om.to_container(om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path)), "cut", tmp_path,
+                                                          2, 1.0)))
+    assert "lemon_dynamic_loading" not in plain["callbacks"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"fusion_dynamic_loading": {"interval": 40}}, "fusion_dynamic_loading: needs train_proportions"),
+    ({"fusion_dynamic_loading": {"interval": 0}, "train_proportions": "uniform"},
+     r"fusion_dynamic_loading: callbacks.lemon_dynamic_loading.interval=0"),
+    ({"fusion_dynamic_loading": {"interval": 40, "speed": 2}, "train_proportions": "uniform"},
+     r"fusion_dynamic_loading=\{'interval': 40, 'speed': 2\}: .*unexpected keyword argument 'speed'"),
+    ({"fusion_dynamic_loading": {"signal": "eval"}, "train_proportions": "uniform"},
+     r"fusion_dynamic_loading=\{'signal': 'eval'\}: expected null or a mapping"),
+    ({"fusion_dynamic_loading": [40], "train_proportions": "uniform"}, r"fusion_dynamic_loading=\[40\]: expected"),
+])
+def test_bad_fusion_dynamic_loading_is_named(inputs, kw, match):
+    root, source = inputs
+    with pytest.raises(ValueError, match=match):
+        config(root, source, **kw)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -48,22 +49,27 @@ def tiny_run_inputs(tmp_path_factory, tiny_tokenizer):
     return root
 
 
-def fuse(root: Path, name: str, ranks: int, *overrides: str) -> dict[str, torch.Tensor]:
+def fuse(root: Path, name: str, ranks: int, *overrides: str, yaml: Path = YAML) -> dict[str, torch.Tensor]:
     """Run STEPS optimizer steps of 4 sequences (micro-batches of 1) and return the final operators."""
-    args = [COMPOSER, "-n", str(ranks), "--master_port", str(free_port()), "train.py", str(YAML),
+    args = [COMPOSER, "-n", str(ranks), "--master_port", str(free_port()), "train.py", str(yaml),
             f"variables.data_dir={root / 'mds'}", f"variables.source_path={root / 'src'}", "variables.seq_len=32",
             "model.target.hidden_size=32", "model.target.intermediate_size=48", "model.target.num_attention_heads=2",
             "model.target.num_key_value_heads=1", "model.target.num_hidden_layers=3",
             "model.receptive_field.r_h=2", "model.receptive_field.r_a=4", "model.receptive_field.r_i=3",
             "global_train_batch_size=4", "device_train_microbatch_size=1", "device_eval_batch_size=2",
             f"max_duration={STEPS}ba", "eval_interval=2ba", "eval_first=false", "eval_subset_num_batches=1",
-            "scheduler.t_warmup=0ba", "train_loader.dataset.shuffle=false", "optimizer.eps=1.0",
+            "scheduler.t_warmup=0ba", "optimizer.eps=1.0",
             "optimizer.lr=0.5", "optimizer.param_groups=[{param_str_match: operators.gamma, lr: 2.0}]",
             f"save_folder={root / name}", f"save_interval={STEPS}ba", *overrides]
+    if yaml == YAML:  # lemon_domains: rows in order
+        args.append("train_loader.dataset.shuffle=false")
     proc = subprocess.run(args, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:]
-    state = torch.load(root / name / f"ep0-ba{STEPS}-rank0.pt", map_location="cpu", weights_only=False)
-    return {k: v for k, v in state["state"]["model"].items() if not k.endswith("_extra_state")}
+    return {k: v for k, v in checkpoint(root, name)["model"].items() if not k.endswith("_extra_state")}
+
+
+def checkpoint(root: Path, name: str) -> dict:
+    return torch.load(root / name / f"ep0-ba{STEPS}-rank0.pt", map_location="cpu", weights_only=False)["state"]
 
 
 def initial_operators(root: Path) -> dict[str, torch.Tensor]:
@@ -98,3 +104,25 @@ def test_two_ranks_learn_the_operators_of_one_rank(tiny_run_inputs, schedule):
     init = initial_operators(root)
     assert_same_operators(replicated, one, init)
     assert_same_operators(sharded, one, init)
+
+
+def test_two_ranks_move_the_mixture_like_one_rank_with_the_train_signal(tiny_run_inputs):
+    """``lemon_dynamic_loading`` with ``signal: train``: the per-domain excess is all-reduced, so two ranks
+    push the same proportions into the mixture as one rank with the same global batch."""
+    from omegaconf import OmegaConf as om
+    root = tiny_run_inputs
+    y = om.load(YAML)
+    y.train_loader = {"name": "lemon_mixture", "data_dir": "${variables.data_dir}", "split": "train",
+                      "proportions": [0.5, 0.5], "seed": 3, "max_seq_len": "${variables.seq_len}",
+                      "num_workers": 0, "update_delay": 1}
+    y.callbacks.lemon_dynamic_loading = {"signal": "train", "interval": 2, "eta": 4.0}
+    yaml = root / "mixture.yaml"
+    om.save(y, yaml)
+    one = fuse(root, "one-mixture", 1, yaml=yaml)
+    two = fuse(root, "two-mixture", 2, yaml=yaml)
+    assert_same_operators(two, one, initial_operators(root))
+    history_one, history_two = (np.asarray(checkpoint(root, n)["dataset_state"]["train"]["history"])
+                                for n in ("one-mixture", "two-mixture"))
+    assert history_one.shape == (3, 3)                          # updates after batches 2 and 4
+    assert np.abs(history_one[1:, 1:] - 0.5).max() > 1e-3       # they moved the mixture
+    np.testing.assert_allclose(history_two, history_one, rtol=1e-9, atol=0)

@@ -1,16 +1,21 @@
 """``lemon_dynamic_loading``: dynamic batch loading, Sheared-LLaMA's DoReMi variant (design.md sec. 2).
 
-At every evaluation the per-domain eval losses ``l`` are compared with reference losses ``l_ref``
-and the train mixture's domain proportions ``w`` are moved towards the domains that lag behind
-their reference (Xia et al. 2023, "Sheared LLaMA", Alg. 1; after DoReMi, Xie et al. 2023)::
+At every update the per-domain losses ``l`` are compared with reference losses ``l_ref`` and the
+train mixture's domain proportions ``w`` are moved towards the domains that lag behind their
+reference (Xia et al. 2023, "Sheared LLaMA", Alg. 1; after DoReMi, Xie et al. 2023)::
 
     d     = max(l - l_ref, 0)              (clamp=True, the paper; clamp=False: d = l - l_ref)
     alpha = softmax(log w + eta * d)
     w'    = (1 - c) * alpha + c / k        (c = smoothing, k = number of domains)
 
+``signal: eval`` (continued pre-training, pruning): at every evaluation, ``l`` are the per-domain
+eval losses and ``l_ref`` given or measured once. ``signal: train`` (fusion, beyond the paper): every
+``interval`` batches, ``l`` and ``l_ref`` are the fused model's and the frozen source's mean
+cross-entropy per domain on the training batches since the last update (``train_excess.py``).
+
 This callback changes training: it pushes ``w'`` into the train dataset (``lemon_mixture``), which
 owns the proportions and their checkpointed state. The callback keeps only the domain list, the
-reference losses and the number of updates.
+reference losses, the number of updates and (``signal: train``) the current window's sums.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import numpy as np
 from composer.core import Callback, DataSpec, State
 from composer.loggers import Logger
 from numpy.typing import ArrayLike
+
+from lemon_composer.callbacks.train_excess import DomainExcess
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +95,24 @@ def constant_update(weights: ArrayLike, losses: ArrayLike, ref_losses: ArrayLike
 
 
 UPDATES: dict[str, Callable[..., np.ndarray]] = {"doremi": doremi_update, "constant": constant_update}
+SIGNALS = ("eval", "train")
 
 
 class DynamicLoading(Callback):
-    """Update the train mixture's domain proportions from per-domain eval losses (design.md sec. 2).
+    """Update the train mixture's domain proportions from per-domain losses (design.md sec. 2).
 
     Args (the yaml keys under ``callbacks.lemon_dynamic_loading``):
         domains: domain names, in the train dataset's order; ``null`` = the dataset's ``domains``.
-        reference_losses: ``l_ref``, a list (one per domain) or a ``{domain: loss}`` mapping.
-            ``null`` measures it once, at the first evaluation, from the model's own per-domain
+        signal: ``eval`` (default): per-domain eval losses at every evaluation. ``train`` (fusion
+            only, ``model.name: lemon_fusion``): the fused and the source model's per-domain
+            cross-entropy on the training batches, every ``interval`` batches (see module doc).
+        interval: with ``signal: train``, batches between updates (the paper's Table 6 evaluates
+            fusion every 40); not used with ``signal: eval``, whose updates follow ``eval_interval``.
+        reference_losses: ``l_ref`` for ``signal: eval``, a list (one per domain) or a ``{domain: loss}``
+            mapping. ``null`` measures it once, at the first evaluation, from the model's own per-domain
             eval losses (the model before training has moved it much). For continued pre-training
             of a fused model, set ``eval_first: true`` so that evaluation happens at step 0.
+            Must stay ``null`` with ``signal: train``: the source's loss on the same tokens is ``l_ref``.
         update_type: ``doremi`` (:func:`doremi_update`) or ``constant`` (log only, weights kept).
         eta: step size of the exponentiated update.
         smoothing: ``c``, the mass spread uniformly over the ``k`` domains.
@@ -107,32 +121,49 @@ class DynamicLoading(Callback):
         eval_label_format: the evaluator label of each domain's eval loader. llm-foundry labels an
             ``eval_loaders`` entry with ``label: X`` as ``eval/X``, hence the default.
 
-    Every domain needs its own eval loader, all on the same eval interval. Updates happen at
-    ``Event.EVAL_AFTER_ALL`` (evaluation during ``fit``) and ``Event.EVAL_STANDALONE_END`` (a
-    ``trainer.eval()`` call, which is how llm-foundry runs ``eval_first``). Every rank reads the
-    same all-reduced metrics, so every rank computes the same proportions.
+    With ``signal: eval`` every domain needs its own eval loader, all on the same eval interval.
+    Updates happen at ``Event.EVAL_AFTER_ALL`` (evaluation during ``fit``) and
+    ``Event.EVAL_STANDALONE_END`` (a ``trainer.eval()`` call, which is how llm-foundry runs
+    ``eval_first``). With ``signal: train`` they happen at ``Event.BATCH_END`` of every ``interval``-th
+    batch; a domain without a token in the window keeps its last measured losses. Every rank reads
+    the same all-reduced values, so every rank computes the same proportions.
 
     +-----------------------------------------+--------------------------------------------+
     | Key                                     | Logged value                               |
     +=========================================+============================================+
     | ``dynamic_loading/proportion/<domain>`` | the new proportion ``w'`` pushed to data   |
-    | ``dynamic_loading/loss/<domain>``       | the eval loss ``l``                        |
+    | ``dynamic_loading/loss/<domain>``       | the loss ``l`` (eval, or fused on train)   |
     | ``dynamic_loading/ref_loss/<domain>``   | the reference loss ``l_ref``               |
     | ``dynamic_loading/excess/<domain>``     | ``l - l_ref`` (before clamping)            |
     +-----------------------------------------+--------------------------------------------+
 
     Raises:
-        ValueError: naming the yaml key, for an unknown ``update_type``, a bad ``smoothing`` or
-            ``eval_label_format``, reference losses that do not match the domains, a train
-            dataset that is not ``lemon_mixture`` or has other domains, a missing eval label.
+        ValueError: naming the yaml key, for an unknown ``update_type`` or ``signal``, a bad
+            ``interval``, ``smoothing`` or ``eval_label_format``, reference losses that do not match
+            the domains (or any with ``signal: train``), a train dataset that is not ``lemon_mixture``
+            or has other domains, a missing eval label, ``signal: train`` with a model that does not
+            report the source's loss.
     """
 
     def __init__(self, domains: Sequence[str] | None = None,
                  reference_losses: Sequence[float] | Mapping[str, float] | None = None,
                  update_type: str = "doremi", eta: float = 1.0, smoothing: float = 1e-4, clamp: bool = True,
-                 metric: str = "LanguageCrossEntropy", eval_label_format: str = "eval/{domain}") -> None:
+                 metric: str = "LanguageCrossEntropy", eval_label_format: str = "eval/{domain}",
+                 signal: str = "eval", interval: int | None = None) -> None:
         if update_type not in UPDATES:
             raise ValueError(f"{_KEY}.update_type={update_type!r}: expected one of {sorted(UPDATES)}")
+        if signal not in SIGNALS:
+            raise ValueError(f"{_KEY}.signal={signal!r}: expected one of {SIGNALS}")
+        if signal == "train":
+            if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+                raise ValueError(f"{_KEY}.interval={interval!r}: signal: train needs a positive number of "
+                                 f"batches between updates, e.g. 40")
+            if reference_losses is not None:
+                raise ValueError(f"{_KEY}.reference_losses: must be null with signal: train (the source "
+                                 f"model's loss on the same training tokens is the reference)")
+        elif interval is not None:
+            raise ValueError(f"{_KEY}.interval={interval!r}: only for signal: train; with signal: eval the "
+                             f"updates follow eval_interval")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"{_KEY}.smoothing={smoothing} must lie in [0, 1]")
         if not math.isfinite(eta):
@@ -144,9 +175,13 @@ class DynamicLoading(Callback):
         self.domains: list[str] | None = None if domains is None else list(domains)
         self.update_type, self.eta, self.smoothing, self.clamp = update_type, eta, smoothing, clamp
         self.metric, self.eval_label_format = metric, eval_label_format
+        self.signal, self.interval = signal, interval
         self._reference_spec = reference_losses
         self.reference_losses: np.ndarray | None = None
         self.updates = 0
+        self.excess: DomainExcess | None = None       # signal: train, built once the domains are known
+        self._last: np.ndarray | None = None          # signal: train, (2, k) last measured l, l_ref
+        self._resumed_window: dict[str, Any] | None = None
         if reference_losses is not None and (self.domains is not None or not isinstance(reference_losses, Mapping)):
             self.reference_losses = self._reference_array(reference_losses)
 
@@ -202,20 +237,61 @@ class DynamicLoading(Callback):
                                  f"does that eval loader hold any data?")
         return losses
 
+    def _train_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """``signal: train``: the window's fused and source cross-entropy per domain; a domain without
+        a token in it keeps its last ones (never measured: ``l = l_ref = 0``, no excess)."""
+        assert self.excess is not None, "built at fit_start"
+        fused, source, tokens = self.excess.take()
+        last = np.zeros((2, fused.size)) if self._last is None else self._last
+        seen = tokens > 0
+        self._last = np.where(seen, np.stack([fused, source]), last)  # (2, k)
+        return self._last[0].copy(), self._last[1].copy()
+
     def fit_start(self, state: State, logger: Logger) -> None:
         del logger  # unused
         self._dataset(state)
+        if self.signal == "train":
+            model = getattr(state.model, "module", state.model)  # DDP wraps the ComposerModel
+            if not getattr(model, "REPORTS_SOURCE_LOSS", False):
+                raise ValueError(f"{_KEY}.signal=train needs the fusion model (model.name: lemon_fusion), whose "
+                                 f"loss reports each token's source cross-entropy; got {type(model).__name__}")
+            if self.excess is None:
+                assert self.domains is not None, "bound by _dataset"
+                self.excess = DomainExcess(len(self.domains))
+                if self._resumed_window is not None:
+                    self.excess.load_state_dict(self._resumed_window)
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        if self.signal != "train":
+            return
+        assert self.excess is not None, "built at fit_start"
+        stats, batch = state.outputs["stats"], state.batch  # set by LemonFusionModel.loss (Eq. 4)
+        self.excess.add(stats.ce, stats.source_ce, stats.mask, batch["domain"])
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.signal != "train":
+            return
+        assert self.excess is not None, "built at fit_start"
+        self.excess.end_batch(state.device.tensor_to_device)
+        if int(state.timestamp.batch) % self.interval == 0:
+            self._update(state, logger)
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
-        self._update(state, logger)
+        if self.signal == "eval":
+            self._update(state, logger)
 
     def eval_standalone_end(self, state: State, logger: Logger) -> None:
-        self._update(state, logger)
+        if self.signal == "eval":
+            self._update(state, logger)
 
     def _update(self, state: State, logger: Logger) -> None:
-        """Read the eval losses, compute the new proportions and push them to the train dataset."""
+        """Read the losses, compute the new proportions and push them to the train dataset."""
         dataset = self._dataset(state)
-        losses = self._eval_losses(state)
+        if self.signal == "train":
+            losses, self.reference_losses = self._train_losses()
+        else:
+            losses = self._eval_losses(state)
         if self.reference_losses is None:
             self.reference_losses = losses.copy()
             log.info("dynamic loading: reference losses measured at batch %d: %s",
@@ -238,7 +314,11 @@ class DynamicLoading(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         ref = None if self.reference_losses is None else self.reference_losses.tolist()
-        return {"domains": self.domains, "reference_losses": ref, "updates": self.updates}
+        state: dict[str, Any] = {"domains": self.domains, "reference_losses": ref, "updates": self.updates}
+        if self.signal == "train":
+            state["train_window"] = None if self.excess is None else self.excess.state_dict()
+            state["train_last"] = None if self._last is None else self._last.tolist()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse another domain list; keep measured reference losses (yaml-given ones win)."""
@@ -251,3 +331,9 @@ class DynamicLoading(Callback):
         if self._reference_spec is None and state["reference_losses"] is not None:
             self.reference_losses = np.asarray(state["reference_losses"], dtype=np.float64)
         self.updates = int(state["updates"])
+        if self.signal == "train":
+            self._resumed_window = state.get("train_window")
+            if self.excess is not None and self._resumed_window is not None:
+                self.excess.load_state_dict(self._resumed_window)
+            last = state.get("train_last")
+            self._last = None if last is None else np.asarray(last, dtype=np.float64)

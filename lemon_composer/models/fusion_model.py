@@ -86,6 +86,9 @@ class LemonFusionModel(ComposerModel):
     ``tokenizer`` is what llm-foundry passes every model; fusion keeps the source's vocabulary and
     never needs it.
     """
+    # ``loss`` leaves each token's fused and source cross-entropy in ``outputs["stats"]``
+    # (``lemon_dynamic_loading`` with ``signal: train`` reads them)
+    REPORTS_SOURCE_LOSS = True
 
     def __init__(self, tokenizer: Any = None, **cfg: Any) -> None:
         super().__init__()

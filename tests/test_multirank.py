@@ -125,4 +125,6 @@ def test_two_ranks_move_the_mixture_like_one_rank_with_the_train_signal(tiny_run
                                 for n in ("one-mixture", "two-mixture"))
     assert history_one.shape == (3, 3)                          # updates after batches 2 and 4
     assert np.abs(history_one[1:, 1:] - 0.5).max() > 1e-3       # they moved the mixture
-    np.testing.assert_allclose(history_two, history_one, rtol=1e-9, atol=0)
+    # float32 per-token losses of operators that agree to 1e-7 (measured: 7e-9 relative on the proportions);
+    # without the all-reduce each rank sees half the rows and they differ by 13%
+    np.testing.assert_allclose(history_two, history_one, rtol=1e-6, atol=0)

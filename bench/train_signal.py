@@ -10,23 +10,18 @@ same run.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from lemon_composer.callbacks.train_excess import DomainExcess
 from lemon_composer.models.distill_loss import distill_loss
 
-HIDDEN, VOCAB = 576, 49152
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fusion_step import SOURCE, timed  # noqa: E402
 
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+HIDDEN, VOCAB = SOURCE["hidden_size"], SOURCE["vocab_size"]
 
 
 def main() -> None:
@@ -53,9 +48,9 @@ def main() -> None:
         excess.add(stats.ce, stats.source_ce, stats.mask, domain)
         excess.end_batch(lambda x: x)
 
-    base, extra = best(loss, args.repeat), best(bookkeeping, args.repeat)
+    base, extra = timed(loss, args.repeat), timed(bookkeeping, args.repeat)
     print(f"torch threads {torch.get_num_threads()}; micro-batch {args.tokens}; {args.domains} domains; "
-          f"best of {args.repeat}")
+          f"best of {args.repeat} after a warm-up")
     print(f"{'part':22} {'ms':>9} {'/ loss':>8}")
     print(f"{'distill loss (fwd)':22} {base * 1e3:9.2f} {1.0:8.1e}")
     print(f"{'signal: train':22} {extra * 1e3:9.3f} {extra / base:8.1e}")

@@ -181,7 +181,6 @@ class DynamicLoading(Callback):
         self.updates = 0
         self.excess: DomainExcess | None = None       # signal: train, built once the domains are known
         self._last: np.ndarray | None = None          # signal: train, (2, k) last measured l, l_ref
-        self._resumed_window: dict[str, Any] | None = None
         if reference_losses is not None and (self.domains is not None or not isinstance(reference_losses, Mapping)):
             self.reference_losses = self._reference_array(reference_losses)
 
@@ -255,11 +254,9 @@ class DynamicLoading(Callback):
             if not getattr(model, "REPORTS_SOURCE_LOSS", False):
                 raise ValueError(f"{_KEY}.signal=train needs the fusion model (model.name: lemon_fusion), whose "
                                  f"loss reports each token's source cross-entropy; got {type(model).__name__}")
-            if self.excess is None:
+            if self.excess is None:  # else resumed from a checkpoint's window
                 assert self.domains is not None, "bound by _dataset"
                 self.excess = DomainExcess(len(self.domains))
-                if self._resumed_window is not None:
-                    self.excess.load_state_dict(self._resumed_window)
 
     def after_loss(self, state: State, logger: Logger) -> None:
         del logger  # unused
@@ -332,8 +329,9 @@ class DynamicLoading(Callback):
             self.reference_losses = np.asarray(state["reference_losses"], dtype=np.float64)
         self.updates = int(state["updates"])
         if self.signal == "train":
-            self._resumed_window = state.get("train_window")
-            if self.excess is not None and self._resumed_window is not None:
-                self.excess.load_state_dict(self._resumed_window)
+            window = state.get("train_window")
+            if window is not None:  # its domains are the saved ones, checked against the loader at fit_start
+                self.excess = DomainExcess(len(window["window"][0]))
+                self.excess.load_state_dict(window)
             last = state.get("train_last")
             self._last = None if last is None else np.asarray(last, dtype=np.float64)

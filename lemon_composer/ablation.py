@@ -93,6 +93,8 @@ class AblationConfig:
     fusion_dynamic_loading: null (off) or the keys of ``lemon_dynamic_loading`` for every fusion run, which
         then moves ``train_proportions`` by the fused model's excess loss over the source on its own
         training batches (``signal: train``), e.g. {interval: 40, eta: 1.0}; needs train_proportions.
+    fusion_betas: null (the template's Adam betas, [0.9, 0.95]) or [beta1, beta2] for every fusion run. Small-batch
+        advice (Marek et al. 2025) keeps beta2's half-life fixed in tokens: batches of 1K tokens want beta2 near 1.
     """
     source_path: str
     data_dir: str
@@ -122,6 +124,7 @@ class AblationConfig:
     fusion_scheduler: dict[str, Any] | None = None
     seed: int = 17
     fusion_dynamic_loading: dict[str, Any] | None = None
+    fusion_betas: list[float] | None = None
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -186,6 +189,13 @@ class AblationConfig:
         if sched is not None and not (isinstance(sched, dict) and sched.get("name") in SCHEDULERS):
             raise ValueError(f"fusion_scheduler={sched!r}: expected null or a mapping whose name is one of "
                              f"{SCHEDULERS}, e.g. {{name: linear_decay_with_warmup, t_warmup: 0.05dur, alpha_f: 0.0}}")
+        betas = self.fusion_betas
+        if betas is not None:
+            if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+                raise ValueError(f"fusion_betas={betas!r}: expected null or [beta1, beta2], each in [0, 1), "
+                                 "e.g. [0.9, 0.99]")
+            self.fusion_betas = [float(b) for b in betas]
         owned = sorted(set(self.model_overrides) & set(RUNNER_MODEL_KEYS))
         if owned:
             raise ValueError(f"model_overrides: {owned} are set by the runner (from source_path, target, "
@@ -253,6 +263,8 @@ def _fusion_yaml(cfg: AblationConfig, init: str, out: Path, steps: int, mult: fl
     y.eval_interval = f"{max(1, steps // 4)}ba"
     y.global_train_batch_size = y.device_train_microbatch_size = cfg.batch_size
     y.optimizer.lr = cfg.lr_dims * mult
+    if cfg.fusion_betas is not None:
+        y.optimizer.betas = list(cfg.fusion_betas)
     y.optimizer.param_groups[0].lr = cfg.lr_gamma * mult
     y.optimizer.param_groups += [{"param_str_match": rf"operators\.{name}$", "lr": rate * mult}
                                  for name, rate in cfg.lr_operators.items()]

@@ -316,6 +316,33 @@ def test_fusion_scheduler_replaces_the_templates_schedule(inputs, tmp_path):
     assert multipliers(config(root, source, out=str(tmp_path)))[3] == pytest.approx(0.1)
 
 
+def test_fusion_betas_reach_the_optimizer(inputs, tmp_path):
+    """Built by llm-foundry's builder from the fusion yaml, every param group (gamma's, the gains') runs Adam
+    with the runner's betas; without the key the template's (0.9, 0.95) are kept."""
+    from llmfoundry.utils.builders import build_optimizer
+    root, source = inputs
+    model = torch.nn.Module()
+    model.operators = torch.nn.ParameterDict({name: torch.nn.Parameter(torch.zeros(2))
+                                              for name in ("gamma", "B_emb", "G_norm")})
+
+    def betas(cfg):
+        opt = om.to_container(om.load(ablation._fusion_yaml(cfg, "cut", tmp_path, 200, 1.0)).optimizer)
+        optimizer = build_optimizer(model, opt.pop("name"), opt)
+        assert len(optimizer.param_groups) == 3  # gamma, G_norm, the rest
+        return {tuple(group["betas"]) for group in optimizer.param_groups}
+    every = dict(out=str(tmp_path), trained_operators="all", lr_operators={"G_norm": 4e-2})
+    assert betas(config(root, source, fusion_betas=[0.9, 0.99], **every)) == {(0.9, 0.99)}
+    assert betas(config(root, source, **every)) == {(0.9, 0.95)}
+
+
+@pytest.mark.parametrize("value", [0.99, [0.9], [0.9, 1.0], [0.9, -0.1], [True, 0.99], "0.9,0.99"])
+def test_bad_fusion_betas_are_named(inputs, value):
+    root, _ = inputs
+    with pytest.raises(ValueError, match=re.escape(f"fusion_betas={value!r}: expected null or [beta1, beta2], "
+                                                   "each in [0, 1)")):
+        config(root, root / "no-source", fusion_betas=value)
+
+
 @pytest.mark.parametrize("value", ["linear", {"t_warmup": "0.1dur"}, {"name": "cosine"}])
 def test_bad_fusion_scheduler_is_named(inputs, value):
     root, _ = inputs

@@ -94,7 +94,8 @@ class AblationConfig:
         then moves ``train_proportions`` by the fused model's excess loss over the source on its own
         training batches (``signal: train``), e.g. {interval: 40, eta: 1.0}; needs train_proportions.
     fusion_betas: null (the template's Adam betas, [0.9, 0.95]) or [beta1, beta2] for every fusion run. Small-batch
-        advice (Marek et al. 2025) keeps beta2's half-life fixed in tokens: batches of 1K tokens want beta2 near 1.
+        advice (Marek et al. 2025) puts beta2 near 1 at 1K-token batches, but for LEMON-Cut 0.99 ended worse than
+        0.95 on 3 seeds (docs/results/redpajama_depth_all/notes.md, round 14).
     """
     source_path: str
     data_dir: str

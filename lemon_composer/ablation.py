@@ -44,7 +44,7 @@ from lemon_composer.callbacks.dynamic_loading import DynamicLoading
 from lemon_composer.cli import run_cli
 from lemon_composer.config_types import check_arguments
 from lemon_composer.data.manifest import read_manifest
-from lemon_composer.data.mixing import check_proportions
+from lemon_composer.data.mixing import BATCHING_METHODS, check_proportions
 from lemon_composer.eval.perplexity import domain_perplexity
 from lemon_composer.export import export_baseline, export_checkpoint
 from lemon_composer.fusion.init import CALIBRATED_INITS, INITS
@@ -96,6 +96,9 @@ class AblationConfig:
     fusion_betas: null (the template's Adam betas, [0.9, 0.95]) or [beta1, beta2] for every fusion run. Small-batch
         advice (Marek et al. 2025) puts beta2 near 1 at 1K-token batches, but for LEMON-Cut 0.99 ended worse than
         0.95 on 3 seeds (docs/results/redpajama_depth_all/notes.md, round 14).
+    fusion_batching: random (each row's domain drawn on its own) or stratified (every batch divided among the
+        domains in proportion: with 8 rows and 7 uniform domains, each domain once plus one more); needs
+        train_proportions.
     """
     source_path: str
     data_dir: str
@@ -126,6 +129,7 @@ class AblationConfig:
     seed: int = 17
     fusion_dynamic_loading: dict[str, Any] | None = None
     fusion_betas: list[float] | None = None
+    fusion_batching: str = "random"
 
     def __post_init__(self) -> None:
         self._check_run_keys()
@@ -144,6 +148,9 @@ class AblationConfig:
                              "trained_operators to dims or all")
         domains = sorted(read_manifest(self.data_dir, key="data_dir")["domains"])
         self._check_train_proportions(domains)
+        if self.fusion_batching != "random" and self.train_proportions is None:
+            raise ValueError(f"fusion_batching={self.fusion_batching}: needs train_proportions (uniform or one "
+                             "number per domain), the mixture whose batches it divides")
         self._check_dynamic_loading()
         if self.mc_tasks is not None and not Path(self.mc_tasks).is_dir():
             raise ValueError(f"mc_tasks={self.mc_tasks}: no such folder of BIG-bench task.json files")
@@ -197,6 +204,8 @@ class AblationConfig:
                 raise ValueError(f"fusion_betas={betas!r}: expected null or [beta1, beta2], each in [0, 1), "
                                  "e.g. [0.9, 0.99]")
             self.fusion_betas = [float(b) for b in betas]
+        if self.fusion_batching not in BATCHING_METHODS:
+            raise ValueError(f"fusion_batching={self.fusion_batching!r}: expected one of {BATCHING_METHODS}")
         owned = sorted(set(self.model_overrides) & set(RUNNER_MODEL_KEYS))
         if owned:
             raise ValueError(f"model_overrides: {owned} are set by the runner (from source_path, target, "
@@ -283,7 +292,8 @@ def _mixture_loader(cfg: AblationConfig) -> dict[str, Any]:
     # no loader workers: new proportions (fusion_dynamic_loading) take effect from the next batch on
     return {"name": "lemon_mixture", "data_dir": "${variables.data_dir}", "split": "train",
             "domains": sorted(read_manifest(cfg.data_dir)["domains"]), "proportions": list(cfg.train_proportions),
-            "seed": "${seed}", "max_seq_len": "${variables.seq_len}", "num_workers": 0, "update_delay": 1}
+            "seed": "${seed}", "max_seq_len": "${variables.seq_len}", "num_workers": 0, "update_delay": 1,
+            "batching_method": cfg.fusion_batching}
 
 
 def trained_operators(cfg: AblationConfig) -> str:

@@ -10,6 +10,8 @@ dynamic loading callback changes during training (continued pre-training)::
       domains: null                     # default: all, sorted
       proportions: [0.67, 0.045, ...]   # initial, one per domain; null = by size
       seed: 17
+      batching_method: random           # random (each row's domain drawn on its own) | stratified
+                                        # (every global batch divided among the domains in proportion)
       max_seq_len: 4096                 # default: the rows' length
       num_workers: 8
       prefetch_factor: 2
@@ -42,7 +44,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lemon_composer.data.manifest import check_compatible, domain_dirs, read_manifest
-from lemon_composer.data.mixing import DomainMixture, check_proportions, collate_rows
+from lemon_composer.data.mixing import BATCHING_METHODS, DomainMixture, check_proportions, collate_rows
 
 
 def build_domain_text_dataloader(
@@ -92,6 +94,7 @@ def build_mixture_dataloader(
     prefetch_factor: int | None = 2,
     max_updates: int = 4096,
     update_delay: int = 32,
+    batching_method: str = "random",
     **loader_kwargs: Any,
 ) -> DataSpec:
     """``lemon_mixture``: a DataLoader over ``DomainMixture`` (checks run before any data is read).
@@ -100,6 +103,8 @@ def build_mixture_dataloader(
     from the workers, so the stream is the same for any ``num_workers``; it must cover what the
     DataLoader can have prefetched (``num_workers * prefetch_factor + 1``; 17 in the 7B recipes).
     """
+    if batching_method not in BATCHING_METHODS:
+        raise ValueError(f"train_loader.batching_method={batching_method!r}: expected one of {BATCHING_METHODS}")
     manifest = read_manifest(data_dir)
     check_compatible(manifest, tokenizer=tokenizer, max_seq_len=max_seq_len or manifest["seq_len"],
                      data_dir=data_dir)
@@ -114,7 +119,7 @@ def build_mixture_dataloader(
     dataset = DomainMixture(data_dir, device_batch_size=int(device_batch_size), split=split, domains=domains,
                             proportions=proportions, seed=seed, world_size=dist.get_world_size(),
                             rank=dist.get_global_rank(), max_seq_len=max_seq_len, max_updates=max_updates,
-                            update_delay=update_delay)
+                            update_delay=update_delay, batching_method=batching_method)
     loader = DataLoader(dataset, batch_size=int(device_batch_size), num_workers=num_workers,
                         prefetch_factor=prefetch, collate_fn=collate_rows, **loader_kwargs)
     return DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["input_ids"].numel()))

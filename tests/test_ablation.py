@@ -276,6 +276,38 @@ def test_seed_sets_the_fusion_runs_batches(inputs, tmp_path, tiny_tokenizer):
     assert seed == 18 and not torch.equal(rows, other)
 
 
+def test_fusion_batching_reaches_the_mixture_loader(inputs, tmp_path, tiny_tokenizer):
+    """``fusion_batching: stratified``, through the fusion yaml and llm-foundry's registry entry, gives batches
+    of 4 rows with exactly 2 of each of the 2 uniform domains; the default draws each row on its own, which
+    leaves some batch unbalanced."""
+    from transformers import AutoTokenizer
+
+    from llmfoundry_patches.dataloaders import build_mixture_dataloader
+    root, source = inputs
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+
+    def per_batch(**kw):
+        y = om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path), train_proportions="uniform", **kw),
+                                          "cut", tmp_path, 2, 1.0))
+        loader_cfg = om.to_container(y.train_loader, resolve=True)
+        loader_cfg.pop("name")
+        spec = build_mixture_dataloader(tokenizer, 4, **loader_cfg)
+        return [torch.bincount(b["domain"], minlength=2).tolist() for _, b in zip(range(40), spec.dataloader)]
+    assert all(c == [2, 2] for c in per_batch(fusion_batching="stratified"))
+    assert any(c != [2, 2] for c in per_batch())
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"fusion_batching": "per_stream", "train_proportions": "uniform"},
+     "fusion_batching='per_stream': expected one of ('random', 'stratified')"),
+    ({"fusion_batching": "stratified"}, "fusion_batching=stratified: needs train_proportions"),
+])
+def test_bad_fusion_batching_is_named(inputs, kw, message):
+    root, source = inputs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(root, source, **kw)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, True, "17"])
 def test_bad_seed_is_named(inputs, value):
     root, _ = inputs

@@ -91,7 +91,7 @@ def test_resume_continues_the_exact_stream(mds):
     first_ds = make(mds, update_delay=1)
     stream(first_ds, 10, update=(5, [0.3, 0.3, 0.4]))
     state = first_ds.state_dict(num_samples=10 * 8, from_beginning=True)
-    assert set(state) == {"domains", "seed", "global_batch_size", "sample", "counts", "history"}
+    assert set(state) == {"domains", "seed", "global_batch_size", "batching_method", "sample", "counts", "history"}
     assert len(state["history"]) == 2 and sum(state["counts"]) == 80  # small: no sample ids
     resumed_ds = make(mds, update_delay=1)
     resumed_ds.load_state_dict(state)
@@ -119,10 +119,52 @@ def test_absent_domain_batches_stay_finite(mds):
     ({"proportions": [1.0, -1.0, 1.0]}, r"every proportion must be positive"),
     ({"domains": ["big", "nope"]}, r"domains=\['big', 'nope'\]: \['nope'\]"),
     ({"max_seq_len": 64}, r"max_seq_len=64 exceeds the rows"),
+    ({"batching_method": "per_stream"}, r"batching_method='per_stream': expected one of \('random', 'stratified'\)"),
 ])
 def test_bad_configuration_is_named(mds, kw, match):
     with pytest.raises(ValueError, match=match):
         make(mds, **kw)
+
+
+def step_counts(rows: list[tuple[int, tuple]], batch: int) -> np.ndarray:
+    """(steps, 3) rows per domain in each global batch."""
+    doms = np.array([d for d, _ in rows]).reshape(-1, batch)
+    return np.stack([np.bincount(s, minlength=3) for s in doms])
+
+
+def test_stratified_batches_divide_every_batch_in_proportion(mds):
+    """Every batch holds floor or ceil of G p_d rows of each domain, and the mean over steps is G p (unbiased);
+    random batches break the floor / ceil bounds (the check can fail)."""
+    p = np.array([0.5, 0.3, 0.2])
+    counts = step_counts(stream(make(mds, proportions=p, batching_method="stratified"), 300), 8)
+    assert (counts >= np.floor(8 * p)).all() and (counts <= np.ceil(8 * p)).all() and (counts.sum(1) == 8).all()
+    assert np.abs(counts.mean(0) - 8 * p).max() < 0.1  # the 0.4 / 0.6 extra rows: std 0.49 / sqrt(300) = 0.03
+    shuffled = np.array([d for d, _ in stream(make(mds, proportions=p, batching_method="stratified"), 50)])
+    assert len({tuple(shuffled[i:i + 8]) for i in range(0, 400, 8)}) > 10  # the order inside a batch is drawn
+    rand = step_counts(stream(make(mds, proportions=p), 300), 8)
+    assert ((rand < np.floor(8 * p)) | (rand > np.ceil(8 * p))).any()
+
+
+def test_stratified_stream_splits_over_ranks_workers_and_resume(mds):
+    """One global stream: two ranks' slices, two workers through an update, and a resumed run all give it."""
+    make_s = lambda **kw: make(mds, batching_method="stratified", **kw)  # noqa: E731
+    update = (5, [0.2, 0.2, 0.6])
+    whole = stream(make_s(update_delay=5), 20, update=update)
+    assert stream(make_s(update_delay=5), 20, workers=2, update=update) == whole
+    after = step_counts(whole, 8)[10:]
+    assert (after >= np.floor(8 * np.array(update[1]))).all() and (after[:, 2] >= 4).all()
+    parts = [stream(make_s(device_batch_size=4, world_size=2, rank=r), 6) for r in (0, 1)]
+    first = stream(make_s(), 6)
+    for step in range(6):
+        assert first[step * 8:step * 8 + 4] == parts[0][step * 4:step * 4 + 4]
+        assert first[step * 8 + 4:step * 8 + 8] == parts[1][step * 4:step * 4 + 4]
+    head = make_s(update_delay=5)
+    stream(head, 8, update=update)
+    resumed = make_s(update_delay=5)
+    resumed.load_state_dict(head.state_dict(num_samples=8 * 8, from_beginning=True))
+    assert stream(resumed, 12) == whole[64:]
+    with pytest.raises(ValueError, match=r"has batching_method=stratified, this run random"):
+        make(mds).load_state_dict(head.state_dict(num_samples=8 * 8, from_beginning=True))
 
 
 def test_resume_with_another_domain_list_is_refused(mds):
@@ -163,3 +205,5 @@ def test_update_delay_must_cover_what_the_loader_prefetches(mds, tiny_tokenizer)
     with pytest.raises(ValueError, match=r"train_loader.update_delay=5: expected an integer of at least "
                                          r"num_workers \* prefetch_factor \+ 1 = 9"):
         build_mixture_dataloader(tok, 8, str(mds), num_workers=4, prefetch_factor=2, update_delay=5)
+    with pytest.raises(ValueError, match=r"train_loader.batching_method='balanced': expected one of"):
+        build_mixture_dataloader(tok, 8, "/no/such/folder", batching_method="balanced")  # named before any data

@@ -1,7 +1,10 @@
 """A domain-mixed stream of data prep rows whose proportions may change during training (design.md sec. 2).
 
 Every global sample index t (t = step * global_batch + rank * device_batch + i) gets a domain drawn
-from the proportions in force at its step, with a uniform number that depends only on (seed, t); the k-th
+from the proportions in force at its step, with uniform numbers that depend only on (seed, step):
+``batching_method: random`` draws each row's domain on its own; ``stratified`` (streaming's name for
+the same idea) divides every global batch among the domains in proportion, each domain getting the floor
+or the ceiling of G * p_d rows (systematic sampling), in a seeded random order. The k-th
 row drawn from domain d is row ``perm(seed, d, k // N_d)[k % N_d]`` of that domain, so a domain that
 runs out wraps around into a fresh permutation. The stream is therefore a pure function of the
 seed and the proportions history, the same for any number of dataloader workers.
@@ -41,11 +44,15 @@ def check_proportions(proportions: Sequence[float], domains: Sequence[str], *, k
     return p / p.sum()
 
 
+BATCHING_METHODS = ("random", "stratified")
+
+
 class _Draws:
     """Domain choices and per-domain row permutations; a pure function of the seed and the history."""
 
-    def __init__(self, seed: int, sizes: Sequence[int], global_batch_size: int) -> None:
-        self.seed, self.sizes, self.G = seed, list(sizes), global_batch_size
+    def __init__(self, seed: int, sizes: Sequence[int], global_batch_size: int,
+                 batching_method: str = "random") -> None:
+        self.seed, self.sizes, self.G, self.batching_method = seed, list(sizes), global_batch_size, batching_method
         self._perm: dict[tuple[int, int], np.ndarray] = {}
 
     def step_domains(self, step: int, history: list[tuple[int, np.ndarray]]) -> np.ndarray:
@@ -53,8 +60,13 @@ class _Draws:
         starts = [s for s, _ in history]
         p = history[bisect.bisect_right(starts, step * self.G) - 1][1]
         cdf = np.cumsum(p)
-        u = np.random.default_rng([self.seed, 0, step]).random(self.G)
-        return np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1)
+        rng = np.random.default_rng([self.seed, 0, step])
+        if self.batching_method == "stratified":  # G evenly spaced points from one offset: floor / ceil of G p_d each
+            u = (np.arange(self.G) + rng.random()) / self.G
+        else:
+            u = rng.random(self.G)
+        domains = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1)
+        return rng.permutation(domains) if self.batching_method == "stratified" else domains
 
     def row(self, d: int, k: int) -> int:
         """The k-th row drawn from domain d: a fresh seeded permutation every pass (wrap-around)."""
@@ -74,6 +86,8 @@ class DomainMixture(IterableDataset):
         domains: a subset of the manifest's domains (default: all, sorted).
         proportions: initial proportions, one per domain (default: by row count).
         seed: the stream's seed (the same on every rank).
+        batching_method: ``random`` (each row's domain drawn on its own) or ``stratified`` (every global
+            batch divided among the domains in proportion; less gradient noise from the domain mix).
         device_batch_size, world_size, rank: how global sample indices map onto this rank.
         max_seq_len: truncate rows to this length (default: full rows).
         update_delay: batches after which new proportions take effect; at least what a DataLoader
@@ -84,7 +98,9 @@ class DomainMixture(IterableDataset):
     def __init__(self, data_dir: str, *, device_batch_size: int, split: str = "train",
                  domains: Sequence[str] | None = None, proportions: Sequence[float] | None = None, seed: int = 17,
                  world_size: int = 1, rank: int = 0, max_seq_len: int | None = None, update_delay: int = 0,
-                 max_updates: int = 4096) -> None:
+                 max_updates: int = 4096, batching_method: str = "random") -> None:
+        if batching_method not in BATCHING_METHODS:
+            raise ValueError(f"batching_method={batching_method!r}: expected one of {BATCHING_METHODS}")
         manifest = read_manifest(data_dir)
         self.dirs = domain_dirs(data_dir, split, None if domains is None else list(domains))
         self.domains = list(self.dirs)
@@ -94,6 +110,7 @@ class DomainMixture(IterableDataset):
         initial = check_proportions(self.sizes if proportions is None else proportions, self.domains,
                                     key="proportions")
         self.seed, self.max_seq_len, self.update_delay = seed, max_seq_len, update_delay
+        self.batching_method = batching_method
         self.device_batch_size, self.world_size, self.rank = device_batch_size, world_size, rank
         self.global_batch_size = device_batch_size * world_size
         k = len(self.domains)
@@ -130,7 +147,7 @@ class DomainMixture(IterableDataset):
     # ---- the stream ----
     def _rows(self, worker: int, n_workers: int) -> Iterator[tuple[int, int]]:
         """(domain, row) for this rank and worker, in order; counts every draw of every rank."""
-        draws = _Draws(self.seed, self.sizes, self.global_batch_size)
+        draws = _Draws(self.seed, self.sizes, self.global_batch_size, self.batching_method)
         counts = self._start_counts.copy()
         B, lo = self.device_batch_size, self.rank * self.device_batch_size
         first = step = self._start_sample // self.global_batch_size
@@ -157,7 +174,7 @@ class DomainMixture(IterableDataset):
         """Per-domain rows drawn before global sample index ``sample`` (a step boundary)."""
         if sample % self.global_batch_size:
             raise ValueError(f"sample {sample} is not a multiple of the global batch size {self.global_batch_size}")
-        draws = _Draws(self.seed, self.sizes, self.global_batch_size)
+        draws = _Draws(self.seed, self.sizes, self.global_batch_size, self.batching_method)
         step, counts = self._cursor
         if sample < step * self.global_batch_size:
             step, counts = self._start_sample // self.global_batch_size, self._start_counts
@@ -170,15 +187,17 @@ class DomainMixture(IterableDataset):
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         sample = num_samples if from_beginning else self._start_sample + num_samples
         return {"domains": self.domains, "seed": self.seed, "global_batch_size": self.global_batch_size,
+                "batching_method": self.batching_method,
                 "sample": sample, "counts": self.counts_at(sample).tolist(),
                 "history": [[s, *p.tolist()] for s, p in self.history()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {"batching_method": "random", **state}  # checkpoints from before the key drew at random
         for key, mine in (("domains", self.domains), ("seed", self.seed),
-                          ("global_batch_size", self.global_batch_size)):
+                          ("global_batch_size", self.global_batch_size), ("batching_method", self.batching_method)):
             if state[key] != mine:
                 raise ValueError(f"resume: the checkpoint's data stream has {key}={state[key]}, this run {mine}; "
-                                 f"a resumed run must keep domains, seed and global batch size")
+                                 f"a resumed run must keep domains, seed, global batch size and batching method")
         history = np.asarray(state["history"], dtype=np.float64)
         if len(history) > self._history.shape[0]:
             raise ValueError(f"resume: {len(history)} proportion updates exceed max_updates={self._history.shape[0]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -252,22 +253,27 @@ def test_train_proportions_set_the_fusion_runs_domain_mixture(inputs, tmp_path, 
     assert (counts / counts.sum()).tolist() == pytest.approx(expected, abs=0.06)  # 400 draws: sd <= 0.025
 
 
-def test_seed_sets_the_fusion_runs_batches(inputs, tmp_path, tiny_tokenizer):
-    """``seed`` reaches Composer's seed and the mixture loader: the same seed draws the same rows, another
-    seed other rows; the default is the template's 17."""
+def mixture_batches(inputs, tmp_path, tiny_tokenizer, n: int, **kw) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """The fusion yaml of a uniform-mixture config with ``kw``, and the first n batches of 4 rows of its train
+    loader as llm-foundry's registry entry builds it."""
     from transformers import AutoTokenizer
 
     from llmfoundry_patches.dataloaders import build_mixture_dataloader
     root, source = inputs
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    y = om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path), train_proportions="uniform", **kw),
+                                      "cut", tmp_path, 2, 1.0))
+    loader_cfg = om.to_container(y.train_loader, resolve=True)
+    loader_cfg.pop("name")
+    spec = build_mixture_dataloader(AutoTokenizer.from_pretrained(str(tiny_tokenizer)), 4, **loader_cfg)
+    return y, [b for _, b in zip(range(n), spec.dataloader)]
 
+
+def test_seed_sets_the_fusion_runs_batches(inputs, tmp_path, tiny_tokenizer):
+    """``seed`` reaches Composer's seed and the mixture loader: the same seed draws the same rows, another
+    seed other rows; the default is the template's 17."""
     def first_rows(**kw):
-        y = om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path), train_proportions="uniform", **kw),
-                                          "cut", tmp_path, 2, 1.0))
-        loader_cfg = om.to_container(y.train_loader, resolve=True)
-        loader_cfg.pop("name")
-        spec = build_mixture_dataloader(tokenizer, 4, **loader_cfg)
-        return y.seed, torch.cat([b["input_ids"] for _, b in zip(range(3), spec.dataloader)])
+        y, batches = mixture_batches(inputs, tmp_path, tiny_tokenizer, 3, **kw)
+        return y.seed, torch.cat([b["input_ids"] for b in batches])
     seed, rows = first_rows()
     assert seed == 17 == om.load(ablation.FUSE_TEMPLATE).seed
     seed, again = first_rows(seed=17)
@@ -280,19 +286,9 @@ def test_fusion_batching_reaches_the_mixture_loader(inputs, tmp_path, tiny_token
     """``fusion_batching: stratified``, through the fusion yaml and llm-foundry's registry entry, gives batches
     of 4 rows with exactly 2 of each of the 2 uniform domains; the default draws each row on its own, which
     leaves some batch unbalanced."""
-    from transformers import AutoTokenizer
-
-    from llmfoundry_patches.dataloaders import build_mixture_dataloader
-    root, source = inputs
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
-
     def per_batch(**kw):
-        y = om.load(ablation._fusion_yaml(config(root, source, out=str(tmp_path), train_proportions="uniform", **kw),
-                                          "cut", tmp_path, 2, 1.0))
-        loader_cfg = om.to_container(y.train_loader, resolve=True)
-        loader_cfg.pop("name")
-        spec = build_mixture_dataloader(tokenizer, 4, **loader_cfg)
-        return [torch.bincount(b["domain"], minlength=2).tolist() for _, b in zip(range(40), spec.dataloader)]
+        _, batches = mixture_batches(inputs, tmp_path, tiny_tokenizer, 40, **kw)
+        return [torch.bincount(b["domain"], minlength=2).tolist() for b in batches]
     assert all(c == [2, 2] for c in per_batch(fusion_batching="stratified"))
     assert any(c != [2, 2] for c in per_batch())
 

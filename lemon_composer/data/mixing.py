@@ -50,8 +50,7 @@ BATCHING_METHODS = ("random", "stratified")
 class _Draws:
     """Domain choices and per-domain row permutations; a pure function of the seed and the history."""
 
-    def __init__(self, seed: int, sizes: Sequence[int], global_batch_size: int,
-                 batching_method: str = "random") -> None:
+    def __init__(self, seed: int, sizes: Sequence[int], global_batch_size: int, batching_method: str) -> None:
         self.seed, self.sizes, self.G, self.batching_method = seed, list(sizes), global_batch_size, batching_method
         self._perm: dict[tuple[int, int], np.ndarray] = {}
 
@@ -61,12 +60,11 @@ class _Draws:
         p = history[bisect.bisect_right(starts, step * self.G) - 1][1]
         cdf = np.cumsum(p)
         rng = np.random.default_rng([self.seed, 0, step])
-        if self.batching_method == "stratified":  # G evenly spaced points from one offset: floor / ceil of G p_d each
-            u = (np.arange(self.G) + rng.random()) / self.G
+        if self.batching_method == "stratified":  # G evenly spaced points from one offset, in a seeded order
+            u = rng.permutation(np.arange(self.G) + rng.random()) / self.G  # floor / ceil of G p_d points per domain
         else:
             u = rng.random(self.G)
-        domains = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1)
-        return rng.permutation(domains) if self.batching_method == "stratified" else domains
+        return np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1)
 
     def row(self, d: int, k: int) -> int:
         """The k-th row drawn from domain d: a fresh seeded permutation every pass (wrap-around)."""
